@@ -1,0 +1,51 @@
+# The project's commands (contract: ../shared/DESIGN.md "Commands").
+# Every target depends on `setup`, so a fresh clone needs no hand step.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+IMAGENET_DIR ?=
+SHARDS_DIR ?= data/shards
+DEMO_DIR ?= data/demo-imagenet
+CONFIG ?= configs/demo.yaml
+WORKERS ?=
+# The demo is stored small so that a 2-core CPU trains on it in minutes; ImageNet uses the paper's 256.
+DEMO_SHORTER_SIDE ?= 128
+DEMO_SHARD_MB ?= 4
+
+.PHONY: setup shards train test bench cluster-up cluster-down clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e .
+	@touch $@
+
+shards: setup
+ifeq ($(strip $(IMAGENET_DIR)),)
+	@test -f $(DEMO_DIR)/LOC_synset_mapping.txt || $(PY) -m shards demo --out $(DEMO_DIR)
+	$(PY) -m shards build --source $(DEMO_DIR) --out $(SHARDS_DIR) \
+	    --shorter-side $(DEMO_SHORTER_SIDE) --shard-size-mb $(DEMO_SHARD_MB) $(if $(WORKERS),--workers $(WORKERS))
+else
+	$(PY) -m shards build --source $(IMAGENET_DIR) --out $(SHARDS_DIR) $(if $(WORKERS),--workers $(WORKERS))
+endif
+
+train: setup
+	@test -f $(SHARDS_DIR)/stats.json || $(MAKE) --no-print-directory shards
+	$(PY) orchestration/train.py --config $(CONFIG) $(if $(filter command line environment,$(origin SHARDS_DIR)),--set shards_dir=$(abspath $(SHARDS_DIR)))
+
+test: setup
+	$(PY) -m pytest -q
+
+# `make bench` uses its own cached corpus; `make bench SHARDS_DIR=...` measures the user's shards.
+bench: setup
+	$(PY) -m pipeline.bench $(if $(filter command line environment,$(origin SHARDS_DIR)),--shards $(SHARDS_DIR))
+
+cluster-up: setup
+	@bash orchestration/cluster/local-up.sh
+
+cluster-down: setup
+	@bash orchestration/cluster/local-down.sh
