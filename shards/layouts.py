@@ -1,0 +1,59 @@
+"""Shard-set layout: split names, shard file names and the fixed file names of a shard set.
+
+The pipeline imports these constants, so they are the one place the on-disk names live
+(DESIGN.md "Shard output").
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+SPLITS: tuple[str, ...] = ("train", "val")
+
+CLASSES_FILE = "classes.json"
+MANIFEST_FILE = "manifest.parquet"
+REJECTS_FILE = "rejects.parquet"
+STATS_FILE = "stats.json"
+# The packer's own bookkeeping (planned order, settings fingerprint, completed shards).
+PLAN_FILE = ".pack-plan.json"
+
+SHARD_PREFIX = "shard-"
+TAR_SUFFIX = ".tar"
+IDX_SUFFIX = ".idx"
+IMAGE_EXT = "jpg"
+LABEL_EXT = "cls"
+
+_SHARD_RE = re.compile(r"^shard-(\d{6,})\.tar$")
+
+
+def shard_name(i: int) -> str:
+    """File name of shard number `i`: `shard-000000.tar`."""
+    if i < 0:
+        raise ValueError(f"shard number must be >= 0, got {i}")
+    return f"{SHARD_PREFIX}{i:06d}{TAR_SUFFIX}"
+
+
+def index_name(tar_name: str) -> str:
+    """The DALI index beside a tar: `shard-000000.tar` -> `shard-000000.idx`."""
+    if not tar_name.endswith(TAR_SUFFIX):
+        raise ValueError(f"not a .tar name: {tar_name}")
+    return tar_name[: -len(TAR_SUFFIX)] + IDX_SUFFIX
+
+
+def shard_number(tar_name: str) -> int:
+    """Inverse of `shard_name`; raises ValueError for any other name."""
+    m = _SHARD_RE.match(Path(tar_name).name)
+    if not m:
+        raise ValueError(f"not a shard name: {tar_name}")
+    return int(m.group(1))
+
+
+def split_tars(shards_dir: Path, split: str) -> list[Path]:
+    """The split's tar files in order (any `*.tar`, so shards from other writers count too)."""
+    return sorted((Path(shards_dir) / split).glob("*" + TAR_SUFFIX))
+
+
+def sample_key(stem: str) -> str:
+    """WebDataset key for a source file stem: DALI splits member names at the first dot,
+    so keys must not contain one."""
+    return stem.replace(".", "_")
