@@ -1,0 +1,177 @@
+"""`make_loader`, the one entry point of the pipeline stage, and the DALI loader behind it.
+
+    loader = make_loader(shards_dir, split="train", batch_size=256, rank=r, world_size=w,
+                         device="cuda", backend="dali", crop_size=224, seed=0)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)          # optional: passes count on by themselves
+        for images, labels in loader: ...
+
+Each pass over the loader is one epoch and builds a fresh DALI pipeline for it (a few ms
+after the first one in a process), seeded by (seed, epoch, rank): epochs reshuffle,
+a resumed run reproduces the epochs it re-reads, and leaving a pass early (a `break`)
+leaves nothing behind for the next one.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+
+from pipeline.shardset import member_key
+from pipeline.spec import LoaderSpec, resolve
+
+_SOURCE_INFO = re.compile(r"^(.*?):(\d+):(.*)$", re.S)
+
+
+def make_loader(
+    shards_dir: str | os.PathLike,
+    split: str = "train",
+    batch_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str = "cuda",
+    backend: str = "dali",
+    crop_size: int = 224,
+    seed: int = 0,
+    return_keys: bool = False,
+    **extra,
+):
+    """Batches of `split` for rank `rank` of `world_size` (DESIGN.md "Pipeline API").
+
+    Yields `(images, labels)` or, with `return_keys`, `(images, labels, keys)`: images
+    `[B, 3, crop, crop]` (ten-crop: `[B, 10, 3, crop, crop]`, views ordered top-left,
+    top-right, bottom-left, bottom-right, centre, then the same five mirrored) in `dtype`,
+    normalised with the shard set's stats.json, on `device`; labels int64 `[B]`; keys the
+    WebDataset sample keys (list of str). Extras, with defaults: see `spec.EXTRA_DEFAULTS`.
+
+    The loader has `len()` (batches this rank yields per epoch), `num_samples` (samples this
+    rank yields per epoch), `set_epoch(e)` (the next pass reads epoch e) and `epoch` (the
+    epoch the next pass reads). In train every rank yields the same number of full batches;
+    in val every sample once across all ranks (the last batch may be short, a rank whose
+    part is empty yields nothing). Bad arguments and bad shards raise one-line
+    ValueError/FileNotFoundError here, before any batch is read.
+    """
+    spec = resolve(shards_dir, split, batch_size, rank, world_size, device, backend, crop_size,
+                   seed, return_keys, extra)
+    if backend == "torch":
+        from pipeline.torch_baseline import TorchLoader
+
+        return TorchLoader(spec)
+    return DaliLoader(spec)
+
+
+class DaliLoader:
+    """One rank's DALI loader; see `make_loader`."""
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec
+        self.epoch = spec.epoch
+
+    def __len__(self) -> int:
+        return self.spec.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        return self.spec.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if len(self) == 0:
+            return
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        from pipeline.dali import READER
+
+        pipe = build_pipeline(self.spec, epoch)
+        policy = LastBatchPolicy.DROP if self.spec.train else LastBatchPolicy.PARTIAL
+        it = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER,
+                                 last_batch_policy=policy, auto_reset=False)
+        device = _torch_device(self.spec)
+        left = self.num_samples
+        try:
+            for _ in range(len(self)):
+                out = next(it)[0]
+                # DALI sizes every rank's epoch by the largest part: trim to this rank's own
+                n = min(left, self.spec.batch_size)
+                left -= n
+                images = out["images"][:n]
+                if self.spec.dtype == "bfloat16":
+                    images = images.to(torch.bfloat16)
+                labels = parse_labels(out["labels"][:n]).to(device, non_blocking=True)
+                if self.spec.return_keys:
+                    yield images, labels, parse_keys(out["keys"][:n])
+                else:
+                    yield images, labels
+        finally:
+            del it, pipe
+
+
+def build_pipeline(spec: LoaderSpec, epoch: int):
+    """The built DALI pipeline that reads `epoch` of `spec` (exposed for benchmarks)."""
+    from pipeline import dali
+
+    order = spec.tar_order(epoch)
+    common = dict(
+        tars=[str(spec.data.tars[i]) for i in order],
+        indexes=[str(spec.data.indexes[i]) for i in order],
+        shard_id=spec.rank, num_shards=spec.world_size,
+        device="gpu" if spec.device == "cuda" else "cpu", crop_size=spec.crop_size,
+        resize_to=spec.resize_to, mean=[255 * m for m in spec.stats.mean],
+        std=[255 * s for s in spec.stats.std], dtype=spec.dtype,
+        batch_size=spec.batch_size, num_threads=spec.num_threads,
+        device_id=_device_id(spec), seed=spec.epoch_seed(epoch),
+        prefetch_queue_depth=spec.prefetch,
+    )
+    if spec.train:
+        pipe = dali.train_pipeline(
+            **common, crop=spec.crop, rrc_scale=spec.rrc_scale,
+            lighting_matrix=spec.stats.lighting_matrix() if spec.lighting else None,
+            initial_fill=spec.shuffle_buffer,
+        )
+    elif spec.ten_crop:
+        pipe = dali.ten_crop_pipeline(**common)
+    else:
+        pipe = dali.val_pipeline(**common)
+    pipe.build()
+    return pipe
+
+
+def parse_labels(raw: torch.Tensor) -> torch.Tensor:
+    """int64 [B] from the zero-padded ASCII decimal `.cls` bytes [B, L] of one batch."""
+    codes = raw.to(torch.int64)
+    digit = (codes >= 48) & (codes <= 57)
+    other = ~digit & (codes != 0) & (codes != 32) & ((codes < 9) | (codes > 13))
+    if other.any() or not digit.any(dim=1).all():
+        bad = bytes(raw[(other.any(dim=1) | ~digit.any(dim=1)).nonzero()[0, 0]].tolist())
+        raise ValueError(f"a .cls member is not an ASCII decimal label: {bad!r}; re-pack the shards")
+    labels = torch.zeros(codes.shape[0], dtype=torch.int64)
+    for j in range(codes.shape[1]):
+        labels = torch.where(digit[:, j], labels * 10 + codes[:, j] - 48, labels)
+    return labels
+
+
+def parse_keys(raw: torch.Tensor) -> list[str]:
+    """WebDataset keys from the zero-padded `source_info` bytes ("tar:offset:member") [B, L]."""
+    keys = []
+    for row in raw.numpy():
+        info = row.tobytes().rstrip(b"\0").decode()
+        m = _SOURCE_INFO.match(info)
+        keys.append(member_key(m.group(3) if m else info))
+    return keys
+
+
+def _device_id(spec: LoaderSpec) -> int | None:
+    if spec.device != "cuda":
+        return None
+    if spec.device_id is not None:
+        return int(spec.device_id)
+    return torch.cuda.current_device()  # a logical index: what Ray's CUDA_VISIBLE_DEVICES needs
+
+
+def _torch_device(spec: LoaderSpec) -> torch.device:
+    return torch.device("cuda", _device_id(spec)) if spec.device == "cuda" else torch.device("cpu")

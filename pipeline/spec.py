@@ -1,0 +1,163 @@
+"""What one rank's loader reads and how: checked options and the rank arithmetic both
+backends share (so DALI and the torch baseline split data, count batches and reshuffle
+the same way).
+
+Across ranks (DESIGN.md "Pipeline API"):
+- every rank reads the contiguous part `[r*N//W, (r+1)*N//W)` of the split's samples, in
+  the order of its tars (DALI's own split, so parts differ by at most one sample);
+- train: every rank yields `(N // W) // batch_size` full batches per epoch, the same on all
+  ranks (so DDP never waits on a rank that has run out); the tar order is permuted per
+  epoch with a seed shared by all ranks, so each epoch the parts hold other tars, and
+  samples are shuffled within each rank's buffer;
+- val: every sample once across all ranks, no padding, none dropped: a rank yields
+  `ceil(part / batch_size)` batches, its last one possibly short (or none for an empty part).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.shardset import ShardSplit, min_stored_side, open_split, rank_range
+from pipeline.stats import Stats, read_stats
+
+CROPS = ("rrc", "paper")
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("dali", "torch")
+DEVICES = ("cuda", "cpu")
+# The extra keyword arguments of make_loader, with their defaults.
+EXTRA_DEFAULTS: dict = {
+    "crop": "rrc",  # train crop policy: "rrc" (RandomResizedCrop) or "paper"
+    "ten_crop": False,  # val: the paper's ten views per image, images [B, 10, 3, crop, crop]
+    "num_threads": None,  # DALI threads / DataLoader workers; None: the usable cores, at most 8
+    "prefetch": 2,  # batches prepared ahead (DALI prefetch_queue_depth, DataLoader prefetch_factor)
+    "dtype": "float32",
+    "lighting": True,  # PCA lighting in train
+    "rrc_scale": (0.08, 1.0),
+    "epoch": 0,  # first epoch to read (seeds its reshuffle); later passes count on from it
+    "device_id": None,  # DALI's CUDA device: a logical index; None: torch.cuda.current_device()
+    "index_cache_dir": None,  # where indexes of foreign shards go; None: ~/.cache/alexnet-dali/idx
+    "shuffle_buffer": 1024,  # per-rank sample shuffle buffer (DALI initial_fill)
+}
+
+
+def base_side(crop_size: int) -> int:
+    """The side that `crop_size` is cut from: 256 for 224, scaled for other crops."""
+    return round(crop_size * 256 / 224)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    data: ShardSplit
+    stats: Stats
+    batch_size: int
+    rank: int
+    world_size: int
+    device: str
+    crop_size: int
+    seed: int
+    return_keys: bool
+    crop: str
+    ten_crop: bool
+    num_threads: int
+    prefetch: int
+    dtype: str
+    lighting: bool
+    rrc_scale: tuple[float, float]
+    epoch: int
+    device_id: int | None
+    shuffle_buffer: int
+    part: tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "part", rank_range(self.data.num_samples, self.rank, self.world_size))
+
+    @property
+    def train(self) -> bool:
+        return self.data.split == "train"
+
+    @property
+    def resize_to(self) -> int:
+        return base_side(self.crop_size)
+
+    @property
+    def num_batches(self) -> int:
+        """Batches this rank yields per epoch (`len(loader)`)."""
+        if self.train:
+            return (self.data.num_samples // self.world_size) // self.batch_size
+        return -(-(self.part[1] - self.part[0]) // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per epoch."""
+        if self.train:
+            return self.num_batches * self.batch_size
+        return self.part[1] - self.part[0]
+
+    def tar_order(self, epoch: int) -> list[int]:
+        """The order the tars are read in this epoch: permuted per epoch in train (the same
+        permutation on every rank), stored order in val."""
+        n = len(self.data.tars)
+        if not self.train:
+            return list(range(n))
+        return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(n).tolist()
+
+    def epoch_seed(self, epoch: int) -> int:
+        """Seed of this rank's random draws (shuffle, crops, flips, lighting) in `epoch`."""
+        return int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0] >> 1)
+
+
+def resolve(shards_dir, split, batch_size, rank, world_size, device, backend, crop_size, seed,
+            return_keys, extra: dict) -> LoaderSpec:
+    """Check every argument of make_loader up front; one line naming the bad one."""
+    unknown = sorted(set(extra) - set(EXTRA_DEFAULTS))
+    if unknown:
+        raise TypeError(f"make_loader: unknown argument(s) {unknown}; valid extras: {sorted(EXTRA_DEFAULTS)}")
+    opts = {**EXTRA_DEFAULTS, **extra}
+    _choice("backend", backend, BACKENDS)
+    _choice("device", device, DEVICES)
+    _choice("crop", opts["crop"], CROPS)
+    _choice("dtype", opts["dtype"], DTYPES)
+    for name, value in (("batch_size", batch_size), ("world_size", world_size), ("crop_size", crop_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a positive integer")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank!r}: must be in [0, world_size={world_size})")
+    lo, hi = (float(v) for v in opts["rrc_scale"])
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"rrc_scale={opts['rrc_scale']!r}: need 0 < min <= max <= 1")
+    if opts["ten_crop"] and split != "val":
+        raise ValueError("ten_crop=True is the val protocol: use it with split='val'")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA GPU: pass device='cpu'")
+    data = open_split(shards_dir, split, opts["index_cache_dir"])
+    stored = min_stored_side(shards_dir, split)
+    if stored is not None and crop_size > stored:
+        raise ValueError(
+            f"crop_size={crop_size} is larger than the stored {split} images (shorter side {stored} "
+            f"in {data.root / 'manifest.parquet'}): pass crop_size <= {stored} or re-pack with a larger --shorter-side"
+        )
+    if split == "train" and data.num_samples // world_size < batch_size:
+        raise ValueError(
+            f"batch_size={batch_size}: each of the {world_size} rank(s) holds only "
+            f"{data.num_samples // world_size} of the {data.num_samples} train samples in {data.root}: "
+            "lower batch_size or world_size"
+        )
+    threads = opts["num_threads"] or max(1, min(8, len(os.sched_getaffinity(0))))
+    return LoaderSpec(
+        data=data, stats=read_stats(shards_dir), batch_size=batch_size, rank=rank,
+        world_size=world_size, device=device, crop_size=crop_size, seed=int(seed),
+        return_keys=bool(return_keys), crop=opts["crop"], ten_crop=bool(opts["ten_crop"]),
+        num_threads=int(threads), prefetch=max(1, int(opts["prefetch"])), dtype=opts["dtype"],
+        lighting=bool(opts["lighting"]), rrc_scale=(lo, hi), epoch=int(opts["epoch"]),
+        device_id=opts["device_id"], shuffle_buffer=max(1, int(opts["shuffle_buffer"])),
+    )
+
+
+def _choice(name: str, value, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(valid)}")
