@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from pipeline.shardset import member_key
-from pipeline.spec import LoaderSpec, resolve
+from pipeline.spec import EpochLoader, LoaderSpec, resolve
 
 _SOURCE_INFO = re.compile(r"^(.*?):(\d+):(.*)$", re.S)
 
@@ -62,25 +62,11 @@ def make_loader(
     return DaliLoader(spec)
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """One rank's DALI loader; see `make_loader`."""
 
-    def __init__(self, spec: LoaderSpec) -> None:
-        self.spec = spec
-        self.epoch = spec.epoch
-
-    def __len__(self) -> int:
-        return self.spec.num_batches
-
-    @property
-    def num_samples(self) -> int:
-        return self.spec.num_samples
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def __iter__(self) -> Iterator[tuple]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
+        epoch = self._next_epoch()
         if len(self) == 0:
             return
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

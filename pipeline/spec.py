@@ -161,3 +161,26 @@ def resolve(shards_dir, split, batch_size, rank, world_size, device, backend, cr
 def _choice(name: str, value, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{name}={value!r}: expected one of {', '.join(valid)}")
+
+
+class EpochLoader:
+    """What both backends' loaders share: `len()`, `num_samples`, and the epoch counter
+    (each pass over the loader reads `epoch`, then counts it on; `set_epoch` sets it)."""
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec
+        self.epoch = spec.epoch
+
+    def __len__(self) -> int:
+        return self.spec.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        return self.spec.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _next_epoch(self) -> int:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return epoch

@@ -7,6 +7,7 @@ it and as AlexNet re-implementations write it; the lighting offset of one image 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ def read_stats(shards_dir: str | os.PathLike) -> Stats:
     """`stats.json` of the shard set, or ImageNet's values (with a one-line notice) without one."""
     path = Path(shards_dir) / STATS_FILE
     if not path.is_file():
-        log.warning("%s not found: normalising with ImageNet's mean/std and PCA eigenpairs", path)
+        _notice_defaults(str(path))
         return IMAGENET_STATS
     try:
         raw = json.loads(path.read_text())
@@ -73,6 +74,12 @@ def read_classes(shards_dir: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         return []
     return json.loads(path.read_text())
+
+
+@functools.cache
+def _notice_defaults(path: str) -> None:
+    """Say once per shard set (not once per loader) that ImageNet's values stand in."""
+    log.warning("%s not found: normalising with ImageNet's mean/std and PCA eigenpairs", path)
 
 
 def _vec(values) -> tuple[float, float, float]:

@@ -1,0 +1,112 @@
+"""The baseline: webdataset + PIL in a PyTorch DataLoader (`make_loader(..., backend="torch")`).
+
+What a user would otherwise pick, kept as the yardstick of every speed claim and as a
+fallback where DALI cannot be installed. Same chains as the DALI graphs
+(`pipeline.torch_transforms`), same rank split, batch counts and exact-once val
+(`pipeline.spec`): each rank's batches are dealt to the DataLoader workers in contiguous
+runs, every worker reads only the tars its run touches and builds whole batches itself
+(`batch_size=None` in the DataLoader), so the counts are exact whatever the worker count.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import torch_transforms as T
+from pipeline.spec import EpochLoader, LoaderSpec
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TorchLoader(EpochLoader):
+    """One rank's baseline loader; see `pipeline.make_loader`. `num_threads` DataLoader
+    worker processes (0: read in the calling process)."""
+
+    def __iter__(self) -> Iterator[tuple]:
+        spec = self.spec
+        data = RankBatches(spec, self._next_epoch())
+        workers = spec.num_threads
+        loader = DataLoader(
+            data, batch_size=None, num_workers=workers, pin_memory=spec.device == "cuda",
+            prefetch_factor=spec.prefetch if workers else None,
+        )
+        device = torch.device(spec.device, spec.device_id) if spec.device == "cuda" else torch.device("cpu")
+        for images, labels, keys in loader:
+            images = images.to(device, _DTYPES[spec.dtype], non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            yield (images, labels, keys) if spec.return_keys else (images, labels)
+
+
+class RankBatches(IterableDataset):
+    """The batches of one rank in one epoch; inside a DataLoader worker, that worker's run."""
+
+    def __init__(self, spec: LoaderSpec, epoch: int) -> None:
+        self.spec, self.epoch = spec, epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        spec, info = self.spec, get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        bounds = batch_bounds(spec)
+        first, last = worker * len(bounds) // workers, (worker + 1) * len(bounds) // workers
+        if first == last:
+            return
+        rng = np.random.default_rng([spec.seed, self.epoch, spec.rank, worker])
+        samples = self._read(bounds[first][0], bounds[last - 1][1], rng)
+        chain = _chain(spec)
+        for lo, hi in bounds[first:last]:
+            batch = list(itertools.islice(samples, hi - lo))
+            images = np.stack([chain(img, rng) for img, _, _ in batch])
+            labels = torch.tensor([label for _, label, _ in batch], dtype=torch.int64)
+            yield torch.from_numpy(images), labels, [key for _, _, key in batch]
+
+    def _read(self, lo: int, hi: int, rng: np.random.Generator):
+        """Samples [lo, hi) of this epoch's tar order, decoded (shuffled in a buffer in train)."""
+        order = self.spec.tar_order(self.epoch)
+        counts = [self.spec.data.counts[i] for i in order]
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, hi, side="left"))
+        urls = [str(self.spec.data.tars[i]) for i in order[first:last]]
+        stream = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+        stream = itertools.islice(iter(stream), lo - int(starts[first]), hi - int(starts[first]))
+        if self.spec.train:
+            stream = _buffer_shuffle(stream, self.spec.shuffle_buffer, rng)
+        for sample in stream:
+            img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+            yield img, int(sample["cls"]), sample["__key__"]
+
+
+def batch_bounds(spec: LoaderSpec) -> list[tuple[int, int]]:
+    """[lo, hi) sample ranges of this rank's batches, in the epoch's tar order."""
+    lo, hi = spec.part
+    size = spec.batch_size
+    return [(lo + i * size, min(lo + (i + 1) * size, hi)) for i in range(spec.num_batches)]
+
+
+def _chain(spec: LoaderSpec):
+    if not spec.train:
+        cls = T.TenCrop if spec.ten_crop else T.Val
+        return cls(spec.crop_size, spec.resize_to, spec.stats)
+    if spec.crop == "rrc":
+        return T.TrainRRC(spec.crop_size, spec.rrc_scale, spec.stats, spec.lighting)
+    return T.TrainPaper(spec.crop_size, spec.resize_to, spec.stats, spec.lighting)
+
+
+def _buffer_shuffle(items, size: int, rng: np.random.Generator):
+    """Shuffle within a buffer of `size` items, as DALI's reader does with `initial_fill`."""
+    buffer = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
