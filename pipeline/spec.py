@@ -147,7 +147,11 @@ def resolve(shards_dir, split, batch_size, rank, world_size, device, backend, cr
             f"{data.num_samples // world_size} of the {data.num_samples} train samples in {data.root}: "
             "lower batch_size or world_size"
         )
-    threads = opts["num_threads"] or max(1, min(8, len(os.sched_getaffinity(0))))
+    threads = opts["num_threads"]
+    if threads is None:
+        threads = max(1, min(8, len(os.sched_getaffinity(0))))
+    elif int(threads) < (0 if backend == "torch" else 1):  # 0 workers: the torch baseline in-process
+        raise ValueError(f"num_threads={threads!r}: must be >= 1 (0 DataLoader workers is for backend='torch' only)")
     return LoaderSpec(
         data=data, stats=read_stats(shards_dir), batch_size=batch_size, rank=rank,
         world_size=world_size, device=device, crop_size=crop_size, seed=int(seed),
