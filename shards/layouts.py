@@ -14,8 +14,8 @@ CLASSES_FILE = "classes.json"
 MANIFEST_FILE = "manifest.parquet"
 REJECTS_FILE = "rejects.parquet"
 STATS_FILE = "stats.json"
-# The packer's own bookkeeping (planned order, settings fingerprint, completed shards).
-PLAN_FILE = ".pack-plan.json"
+# The packer's own bookkeeping (settings fingerprint, one record per completed shard).
+PACK_DIR = ".pack"
 
 SHARD_PREFIX = "shard-"
 TAR_SUFFIX = ".tar"

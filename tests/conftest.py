@@ -1,0 +1,34 @@
+"""Session-scoped fixtures shared by every stage's tests: a small demo ImageNet tree and its
+shards, built once per session by the real packer (no mocks).
+
+- `demo_tree`: 10 classes, 24 train + 5 val images per class, sides 80-160 px, Kaggle layout.
+- `demo_shards`: that tree packed at shorter side 64 into ~50 KB shards (several per split:
+  240 train and 50 val samples), with index, manifest, rejects, classes and stats.
+Treat both as read-only; copy them (`shutil.copytree`) to modify.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shards.demo import write_demo
+from shards.pack import build
+
+DEMO_CLASSES = 10
+DEMO_TRAIN_PER_CLASS = 24
+DEMO_VAL_PER_CLASS = 5
+
+
+@pytest.fixture(scope="session")
+def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo-imagenet")
+    return write_demo(out, classes=DEMO_CLASSES, train_per_class=DEMO_TRAIN_PER_CLASS,
+                      val_per_class=DEMO_VAL_PER_CLASS, seed=0, min_side=80, max_side=160, workers=2)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo-shards") / "shards"
+    build(demo_tree, out, shorter_side=64, shard_size_mb=0.05, workers=2, progress=False)
+    return out
