@@ -1,0 +1,194 @@
+"""Run configuration: one frozen, typed dataclass loaded from `configs/*.yaml` plus `--set` overrides.
+
+Unknown keys, wrong types, missing required keys and bad values raise a ValueError whose
+message is one line naming the file/key and what to do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+# Keys that must be in the YAML file (the contract's keys); the rest have defaults.
+REQUIRED = ("name", "storage_path", "shards_dir", "model", "epochs", "batch_size", "workers", "use_gpu")
+# Keys holding paths: relative ones resolve against the launch cwd (Ray workers run elsewhere).
+PATH_KEYS = ("storage_path", "shards_dir")
+
+CHOICES = {
+    "schedule": ("constant", "cosine", "plateau", "step"),
+    "crop": ("paper", "rrc"),
+    "eval_crop": ("center", "ten_crop"),
+    "precision": ("fp32", "bf16"),
+    "backend": ("dali", "torch"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; the first eight fields are the contract's keys."""
+
+    name: str
+    storage_path: str
+    shards_dir: str
+    model: str
+    epochs: int
+    batch_size: int  # per worker
+    workers: int
+    use_gpu: bool
+
+    # optimiser (SGD with momentum, as the paper)
+    lr: float = 0.01
+    lr_base_batch: int = 0  # >0: linear scaling, lr * global_batch / lr_base_batch
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    # schedule: constant | cosine (per step, after warm-up) | plateau (/plateau_factor on val
+    # top-1 plateau, the paper's rule) | step (x step_factor every step_epochs)
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    plateau_factor: float = 0.1
+    plateau_patience: int = 2
+    step_epochs: int = 30
+    step_factor: float = 0.1
+
+    # data
+    backend: str = "dali"
+    crop: str = "rrc"  # paper: random crop of the stored image; rrc: RandomResizedCrop
+    crop_size: int = 224
+    eval_crop: str = "center"  # center | ten_crop (the paper's test protocol)
+    dali_threads: int = 0  # 0: 1 on CPU workers, 4 on GPU workers
+
+    # compute
+    precision: str = "fp32"  # bf16: autocast on GPU
+    channels_last: bool = False
+    torch_threads: int = 0  # 0: the node's cores shared evenly between its workers
+
+    # bookkeeping
+    seed: int = 0
+    log_every: int = 10  # steps between logged rows
+    checkpoint_every: int = 1  # epochs
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    fail_at_epoch: int = 0  # tests only: rank 0 raises once, after this epoch's checkpoint
+
+    def __post_init__(self) -> None:
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
+        positive = ("epochs", "batch_size", "workers", "crop_size", "log_every", "checkpoint_every",
+                    "keep_checkpoints", "step_epochs")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        non_negative = ("lr", "lr_base_batch", "momentum", "weight_decay", "label_smoothing",
+                        "warmup_epochs", "min_lr", "plateau_patience", "dali_threads", "torch_threads",
+                        "max_failures", "fail_at_epoch")
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"name: {self.name!r} must be a plain directory name (no '/')")
+        if not 0 < self.plateau_factor < 1 or not 0 < self.step_factor < 1:
+            raise ValueError("plateau_factor and step_factor: must be in (0, 1)")
+        if self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing: must be < 1, got {self.label_smoothing}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.workers
+
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate after warm-up, linearly scaled when lr_base_batch is set."""
+        return self.lr * self.global_batch / self.lr_base_batch if self.lr_base_batch else self.lr
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage_path) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def valid_keys() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def _coerce(key: str, value: Any, kind: type, origin: str) -> Any:
+    """Check one value's type; ints are accepted where floats are expected."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool):
+        raise ValueError(f"{origin}: {key}: expected {kind.__name__}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ValueError(f"{origin}: {key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings -> dict; values are YAML scalars (`true`, `3`, `0.1`, `abc`)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def from_dict(raw: dict[str, Any], origin: str = "config", base_dir: Path | None = None) -> TrainConfig:
+    """Validate a mapping into a TrainConfig; relative path keys resolve against `base_dir` (cwd)."""
+    keys = valid_keys()
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise ValueError(f"{origin}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(keys)}")
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise ValueError(f"{origin}: missing key(s) {', '.join(missing)} (required: {', '.join(REQUIRED)})")
+    hints = get_type_hints(TrainConfig)
+    values = {k: _coerce(k, v, hints[k], origin) for k, v in raw.items()}
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    for key in PATH_KEYS:
+        if "://" not in values[key]:
+            values[key] = str((base / os.path.expanduser(values[key])).resolve())
+    try:
+        return TrainConfig(**values)
+    except ValueError as err:
+        raise ValueError(f"{origin}: {err}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config, apply `key=value` overrides, validate, resolve paths against the cwd."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file (see configs/*.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of key: value at the top level")
+    raw.update(parse_overrides(overrides or []))
+    return from_dict(raw, origin=str(path))
+
+
+def check_shards(config: TrainConfig) -> None:
+    """Fail early, in one line, when the shards are not there."""
+    if "://" in config.shards_dir:
+        return
+    shards = Path(config.shards_dir)
+    for split in ("train", "val"):
+        if not (shards / split).is_dir() or not any((shards / split).glob("*.tar")):
+            raise FileNotFoundError(
+                f"shards_dir: {shards} has no {split}/*.tar shards; run `make shards` "
+                f"(or `python -m shards build ...`) or pass --set shards_dir=/abs/path"
+            )

@@ -1,0 +1,116 @@
+"""Run outputs written by rank 0: metrics.parquet, summary.json, curves.png, state.json.
+
+metrics.parquet has one row per logged step (top1/top5 null) and one per epoch (top1/top5
+set, loss = the epoch's mean train loss, images_per_s/data_wait over the epoch). On resume
+the rows of epochs after the checkpoint are dropped, so a resumed run leaves one row per epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5")
+SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64())]
+                   + [(c, pa.float64()) for c in COLUMNS[2:]])
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+class MetricsLog:
+    """Rows of metrics.parquet, rewritten atomically on every flush (a few thousand rows at most)."""
+
+    def __init__(self, run_dir: str | Path, resume_epoch: int = 0) -> None:
+        self.path = Path(run_dir) / "metrics.parquet"
+        self.rows: list[dict[str, Any]] = []
+        if resume_epoch > 0 and self.path.is_file():
+            kept = pq.read_table(self.path).to_pylist()
+            self.rows = [r for r in kept if r["epoch"] <= resume_epoch]
+
+    def log_step(self, epoch: int, step: int, loss: float, lr: float, images_per_s: float,
+                 data_wait: float) -> None:
+        self.rows.append(dict(epoch=epoch, step=step, loss=loss, lr=lr, images_per_s=images_per_s,
+                              data_wait=data_wait, top1=None, top5=None))
+
+    def log_epoch(self, epoch: int, step: int, loss: float, lr: float, images_per_s: float,
+                  data_wait: float, top1: float, top5: float) -> None:
+        self.rows.append(dict(epoch=epoch, step=step, loss=loss, lr=lr, images_per_s=images_per_s,
+                              data_wait=data_wait, top1=top1, top5=top5))
+        self.flush()
+
+    def epoch_rows(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["top1"] is not None]
+
+    def flush(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist(self.rows, schema=SCHEMA)
+        _atomic_write(self.path, lambda p: pq.write_table(table, p))
+
+
+def summarize(epoch_rows: list[dict[str, Any]], *, wall_s: float, world_size: int, restarts: int) -> dict[str, Any]:
+    """summary.json: the last epoch's val accuracy; throughput averaged over epochs after the
+    first (the first carries start-up: DALI pipeline build, first-touch of the shards)."""
+    last = epoch_rows[-1]
+    steady = epoch_rows[1:] if len(epoch_rows) > 1 else epoch_rows
+    return {
+        "top1": last["top1"],
+        "top5": last["top5"],
+        "images_per_s": sum(r["images_per_s"] for r in steady) / len(steady),
+        "data_wait": sum(r["data_wait"] for r in steady) / len(steady),
+        "wall_s": wall_s,
+        "world_size": world_size,
+        "epochs": last["epoch"],
+        "restarts": restarts,
+    }
+
+
+def plot_curves(epoch_rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """curves.png: train loss, val top-1/top-5, and data-wait share, by epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in epoch_rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r["loss"] for r in epoch_rows], marker="o")
+    axes[0].set(title="train loss", xlabel="epoch")
+    axes[1].plot(epochs, [100 * r["top1"] for r in epoch_rows], marker="o", label="top-1")
+    axes[1].plot(epochs, [100 * r["top5"] for r in epoch_rows], marker="o", label="top-5")
+    axes[1].set(title="val accuracy (%)", xlabel="epoch", ylim=(0, 100))
+    axes[1].legend()
+    axes[2].plot(epochs, [100 * r["data_wait"] for r in epoch_rows], marker="o")
+    axes[2].set(title="data-wait share of step time (%)", xlabel="epoch", ylim=(0, 100))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def read_state(run_dir: str | Path) -> dict[str, Any]:
+    """state.json: how often the run started and the training seconds banked at checkpoints."""
+    path = Path(run_dir) / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else {"starts": 0, "elapsed_s": 0.0}
+
+
+def fmt_pct(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}%"

@@ -1,0 +1,405 @@
+"""Train AlexNet on Ray Train: `python orchestration/train.py --config FILE [--set key=value ...]`.
+
+Reads top to bottom: the loss/optimizer/schedule helpers, `train_one_epoch`, `evaluate`,
+the per-worker function `train_worker` (config -> loaders -> model/optimizer -> resume ->
+loop), and `main` (config -> Ray -> TorchTrainer -> summary). Without RAY_ADDRESS it starts
+an embedded local Ray; as a Ray job (`ray job submit ... -- python orchestration/train.py`)
+it joins the job's cluster.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: make the project root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from orchestration.checkpoint import latest_checkpoint, save_checkpoint, set_rng_state, unwrap
+from orchestration.config import TrainConfig, check_shards, from_dict, load_config
+from orchestration.metrics import MetricsLog, fmt_pct, plot_curves, read_state, summarize, write_json
+
+log = logging.getLogger("train")
+
+
+# ---------------------------------------------------------------- recipe helpers
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum; no weight decay on biases and norm parameters (1-d tensors)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0 if cfg.model == "alexnet-bn" else cfg.weight_decay}]
+    return torch.optim.SGD(groups, lr=cfg.peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Per-step LambdaLR (warm-up, then constant/cosine/step), or ReduceLROnPlateau per epoch."""
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+    floor = cfg.min_lr / cfg.peak_lr if cfg.peak_lr else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            t = (step - warmup) / max(1, total - warmup)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if cfg.schedule == "step":
+            return cfg.step_factor ** (step // (cfg.step_epochs * steps_per_epoch))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return optimizer.param_groups[0]["lr"]
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few numbers over all ranks (float64, one collective); identity on one process."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics before eval (DDP broadcasts them only
+    at the start of a training forward, and eval runs on the unwrapped module)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in unwrap(model).buffers():
+            dist.broadcast(buf, src=0)
+
+
+@dataclass
+class Ctx:
+    """What train_one_epoch/evaluate need besides model and data."""
+
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world_size: int
+    log_rows: MetricsLog | None  # rank 0 only
+
+
+# ---------------------------------------------------------------- one epoch
+def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler, epoch: int, step: int, ctx: Ctx) -> tuple[dict[str, float], int]:
+    """Train one pass over `loader`; returns the epoch's figures and the global step after it.
+
+    Data-wait is the time blocked in `next(loader)` over the whole step time (wait + compute);
+    images/s and data-wait are summed over ranks at each logged step (one all_reduce).
+    """
+    cfg = ctx.cfg
+    model.train()
+    per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
+                              and ctx.device.type == "cuda")
+    window = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, samples
+    epoch_tot = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss sum, samples, wait s, step s, images
+    win_wait = win_time = 0.0
+    win_images = 0
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        t1 = time.perf_counter()
+        if batch is None:
+            break
+        images, labels = batch[0].to(ctx.device, non_blocking=True), batch[1].to(ctx.device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if per_step_schedule:
+            scheduler.step()
+        step += 1
+        window += torch.stack([loss.detach().double() * labels.numel(),
+                               torch.tensor(labels.numel(), dtype=torch.float64, device=ctx.device)])
+        win_wait += t1 - t0
+        win_images += labels.numel()
+        if step % cfg.log_every == 0 or win_images >= len(loader) * cfg.batch_size:
+            loss_sum, n = window.tolist()  # syncs the device: the step times below are real
+            win_time += time.perf_counter() - t0
+            sums = all_reduce_sum([loss_sum, n, win_wait, win_time, win_images])
+            _add(epoch_tot, sums)
+            figures = _rates(sums, ctx.world_size)
+            if ctx.log_rows is not None:
+                ctx.log_rows.log_step(epoch, step, figures["loss"], current_lr(optimizer),
+                                      figures["images_per_s"], figures["data_wait"])
+                log.info("epoch %d step %d  loss %.4f  lr %.5f  %.0f img/s  data-wait %s", epoch, step,
+                         figures["loss"], current_lr(optimizer), figures["images_per_s"],
+                         fmt_pct(figures["data_wait"]))
+            window.zero_()
+            win_wait = win_time = 0.0
+            win_images = 0
+        else:
+            win_time += time.perf_counter() - t0
+    if win_images:  # a tail shorter than log_every (not logged as a row, counted in the epoch)
+        loss_sum, n = window.tolist()
+        _add(epoch_tot, all_reduce_sum([loss_sum, n, win_wait, win_time, win_images]))
+    return _rates(epoch_tot, ctx.world_size), step
+
+
+def _add(total: list[float], more: list[float]) -> None:
+    for i, v in enumerate(more):
+        total[i] += v
+
+
+def _rates(sums: list[float], world_size: int) -> dict[str, float]:
+    loss_sum, n, wait_s, step_s, images = sums
+    mean_step_s = step_s / world_size  # ranks run in lock-step under DDP
+    return {"loss": loss_sum / max(n, 1), "images_per_s": images / mean_step_s if mean_step_s else 0.0,
+            "data_wait": wait_s / step_s if step_s else 0.0}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, val_size: int, ctx: Ctx) -> dict[str, float]:
+    """Exact val top-1/top-5/loss: each rank sums (loss, top1, top5, count) over its own part,
+    one all_reduce(SUM), divide once. Ten-crop batches [B,10,3,H,W] average the 10 softmaxes."""
+    sync_buffers(model)
+    net = unwrap(model)  # no DDP collectives: ranks may hold different numbers of batches
+    net.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.cfg.precision == "bf16"
+                              and ctx.device.type == "cuda")
+    sums = torch.zeros(4, dtype=torch.float64)
+    for batch in loader:
+        images, labels = batch[0].to(ctx.device, non_blocking=True), batch[1].to(ctx.device, non_blocking=True)
+        if labels.numel() == 0:
+            continue
+        views = images.shape[1] if images.ndim == 5 else 1
+        images = images.flatten(0, 1) if images.ndim == 5 else images
+        if ctx.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = net(images).float()
+        probs = logits.softmax(dim=1).view(labels.numel(), views, -1).mean(dim=1)
+        loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+        top = probs.topk(min(5, probs.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        sums += torch.tensor([loss.item(), hits[:, 0].sum().item(), hits.any(dim=1).sum().item(),
+                              labels.numel()], dtype=torch.float64)
+    loss_sum, top1, top5, count = all_reduce_sum(sums.tolist())
+    assert int(count) == val_size, f"evaluated {int(count)} val samples, the val split holds {val_size}"
+    return {"val_loss": loss_sum / count, "top1": top1 / count, "top5": top5 / count}
+
+
+# ---------------------------------------------------------------- the per-worker function
+def train_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: config -> loaders -> model/optimizer -> resume -> loop."""
+    import ray.train
+    import ray.train.torch
+
+    from model import build_model
+    from pipeline import make_loader
+
+    cfg = from_dict(config)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
+    attempt_start = time.perf_counter()
+    device = setup_compute(cfg, context.get_local_world_size())
+    run_dir = cfg.run_dir
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+
+    # resume: every rank reads the newest checkpoint (run_dir is shared storage on clusters)
+    ckpt = latest_checkpoint(run_dir)
+    start_epoch = ckpt["epoch"] if ckpt else 0
+    state = read_state(run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state = {"starts": state["starts"] + 1, "elapsed_s": state["elapsed_s"] if ckpt else 0.0}
+        write_json(run_dir / "state.json", state)
+        if ckpt:
+            log.info("resuming %s after epoch %d (start %d of this run)", run_dir, start_epoch, state["starts"])
+
+    # data: each rank its own part; DALI on the GPU Ray gave this worker (a logical index)
+    on_gpu = device.type == "cuda"
+    loader_args = dict(batch_size=cfg.batch_size, rank=rank, world_size=world_size,
+                       device="cuda" if on_gpu and cfg.backend == "dali" else "cpu", backend=cfg.backend,
+                       crop_size=cfg.crop_size, seed=cfg.seed,
+                       num_threads=cfg.dali_threads or (4 if on_gpu else 1))
+    if on_gpu and cfg.backend == "dali":
+        loader_args["device_id"] = torch.cuda.current_device()
+    train_loader = make_loader(cfg.shards_dir, split="train", crop=cfg.crop, epoch=start_epoch, **loader_args)
+    val_loader = make_loader(cfg.shards_dir, split="val", ten_crop=cfg.eval_crop == "ten_crop", **loader_args)
+    num_classes, val_size = read_dataset_facts(cfg.shards_dir, val_loader)
+
+    # model and optimiser
+    model = build_model(cfg.model, num_classes=num_classes)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = make_optimizer(cfg, unwrap(model))
+    scheduler = make_scheduler(cfg, optimizer, len(train_loader))
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if rank == 0:
+            set_rng_state(ckpt["rng"])
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    metrics = MetricsLog(run_dir, resume_epoch=start_epoch) if rank == 0 else None
+    ctx = Ctx(cfg, device, rank, world_size, metrics)
+    if rank == 0:
+        log.info("%s: %d worker(s) x batch %d = %d per step, %d steps/epoch, peak lr %.4g, %d classes, %d val",
+                 cfg.model, world_size, cfg.batch_size, cfg.global_batch, len(train_loader), cfg.peak_lr,
+                 num_classes, val_size)
+
+    step = start_epoch * len(train_loader)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        t_epoch = time.perf_counter()
+        train_loader.set_epoch(epoch - 1)
+        train, step = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, epoch, step, ctx)
+        val = evaluate(model, val_loader, val_size, ctx)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val["top1"])
+        if rank == 0:
+            metrics.log_epoch(epoch, step, train["loss"], current_lr(optimizer), train["images_per_s"],
+                              train["data_wait"], val["top1"], val["top5"])
+            if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+                save_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                                config=cfg.to_dict(), keep=cfg.keep_checkpoints)
+            state["elapsed_s"] += time.perf_counter() - attempt_start
+            attempt_start = time.perf_counter()
+            write_json(run_dir / "state.json", state)
+            log.info("epoch %d/%d  train loss %.3f  val loss %.3f  top-1 %s  top-5 %s  %.0f img/s  "
+                     "data-wait %s  %.0fs", epoch, cfg.epochs, train["loss"], val["val_loss"],
+                     fmt_pct(val["top1"]), fmt_pct(val["top5"]), train["images_per_s"],
+                     fmt_pct(train["data_wait"]), time.perf_counter() - t_epoch)
+        ray.train.report({"epoch": epoch, **train, **val})
+        if cfg.fail_at_epoch == epoch and start_epoch < epoch:
+            raise RuntimeError(f"fail_at_epoch={epoch}: injected worker failure (tests only)")
+
+    if rank == 0:
+        rows = metrics.epoch_rows()
+        summary = summarize(rows, wall_s=state["elapsed_s"], world_size=world_size, restarts=state["starts"] - 1)
+        plot_curves(rows, run_dir / "curves.png", title=f"{cfg.name}: {cfg.model}, {world_size} worker(s)")
+        write_json(run_dir / "summary.json", summary)
+
+
+def setup_compute(cfg: TrainConfig, local_workers: int) -> torch.device:
+    """The worker's device; on CPU, torch threads = this node's cores shared by its workers."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(cfg.torch_threads or max(1, cores // max(1, local_workers)))
+    return device
+
+
+def read_dataset_facts(shards_dir: str, val_loader) -> tuple[int, int]:
+    """(number of classes, val size): classes.json and the manifest where the shard set has
+    them; otherwise the highest label is unknown, so classes.json is required."""
+    root = Path(shards_dir)
+    classes = root / "classes.json"
+    if not classes.is_file():
+        raise FileNotFoundError(f"{classes}: missing; re-pack with `python -m shards build`")
+    num_classes = len(json.loads(classes.read_text()))
+    manifest = root / "manifest.parquet"
+    if manifest.is_file():
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        split = pq.read_table(manifest, columns=["split"]).column("split")
+        val_size = int(pc.sum(pc.equal(split, "val")).as_py() or 0)
+    else:
+        val_size = int(all_reduce_sum([float(val_loader.num_samples)])[0])
+    return num_classes, val_size
+
+
+# ---------------------------------------------------------------- the driver
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train AlexNet on Ray Train (DALI input pipeline).")
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable), e.g. --set epochs=2")
+    return p.parse_args(argv)
+
+
+def start_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else an embedded local Ray
+    on loopback with no dashboard."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    print(f"top-1 {fmt_pct(summary['top1'])}  top-5 {fmt_pct(summary['top5'])}  "
+          f"{summary['images_per_s']:.0f} images/s  data-wait {fmt_pct(summary['data_wait'])}  "
+          f"({summary['epochs']} epochs, {summary['world_size']} worker(s), {summary['wall_s']:.0f}s training, "
+          f"{summary['restarts']} restart(s))")
+    print(f"run directory: {run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        check_shards(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print("config: " + json.dumps(cfg.to_dict()))
+    summary_path = cfg.run_dir / "summary.json"
+    if summary_path.is_file():
+        print(f"run {cfg.name} already finished (delete {cfg.run_dir} or pick another --set name=... to train again)")
+        print_summary(json.loads(summary_path.read_text()), cfg.run_dir)
+        return 0
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    start_ray()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        run_config=ray.train.RunConfig(storage_path=cfg.storage_path, name=cfg.name,
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"error: training failed ({first[:300]}); re-run the same command to resume "
+                         f"from the newest checkpoint in {cfg.run_dir}/checkpoints") from None
+    print_summary(json.loads(summary_path.read_text()), cfg.run_dir)
+    print(f"wall time of this command: {time.perf_counter() - t0:.0f}s (Ray start-up included)")
+    return 0
+
+
+if __name__ == "__main__":
+    from orchestration.train import main as _main  # the importable module, so Ray pickles by reference
+
+    sys.exit(_main())
