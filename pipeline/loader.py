@@ -102,10 +102,11 @@ def build_pipeline(spec: LoaderSpec, epoch: int):
     from pipeline import dali
 
     order = spec.tar_order(epoch)
+    shard_id, num_shards = spec.reader_shard()
     common = dict(
         tars=[str(spec.data.tars[i]) for i in order],
         indexes=[str(spec.data.indexes[i]) for i in order],
-        shard_id=spec.rank, num_shards=spec.world_size,
+        shard_id=shard_id, num_shards=num_shards,
         device="gpu" if spec.device == "cuda" else "cpu", crop_size=spec.crop_size,
         resize_to=spec.resize_to, mean=[255 * m for m in spec.stats.mean],
         std=[255 * s for s in spec.stats.std], dtype=spec.dtype,

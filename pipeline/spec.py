@@ -95,6 +95,12 @@ class LoaderSpec:
             return self.num_batches * self.batch_size
         return self.part[1] - self.part[0]
 
+    def reader_shard(self) -> tuple[int, int]:
+        """DALI's (shard_id, num_shards) for this rank's part. DALI refuses more shards than
+        samples; when ranks outnumber samples every part holds at most one sample, `lo` of N."""
+        n = self.data.num_samples
+        return (self.rank, self.world_size) if self.world_size <= n else (self.part[0], n)
+
     def tar_order(self, epoch: int) -> list[int]:
         """The order the tars are read in this epoch: permuted per epoch in train (the same
         permutation on every rank), stored order in val."""
