@@ -92,15 +92,17 @@ def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def render(class_index: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     """One demo image of class `class_index` as uint8 [height, width, 3]."""
     mask = _pattern(PATTERNS[class_index], height, width, rng)[..., None]
-    fg, bg = _colours(rng)
+    fg, bg = (c.astype(np.float32) for c in _colours(rng))
     img = bg + (fg - bg) * mask
-    y, x = np.mgrid[0:height, 0:width]
     for _ in range(rng.integers(1, 5)):  # distractor blobs of random colour
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
         ry, rx = rng.uniform(0.04, 0.12) * height, rng.uniform(0.04, 0.12) * width
+        y0, y1 = max(0, int(cy - ry)), min(height, int(cy + ry) + 1)
+        x0, x1 = max(0, int(cx - rx)), min(width, int(cx + rx) + 1)
+        y, x = np.ogrid[y0:y1, x0:x1]
         inside = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < 1
-        img[inside] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, rng.uniform(5, 20), img.shape)
+        img[y0:y1, x0:x1][inside] = rng.uniform(0, 255, 3)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(5, 20))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
