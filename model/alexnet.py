@@ -76,9 +76,11 @@ class AlexNet(nn.Module):
         self.norm5 = nn.BatchNorm2d(256) if bn else nn.Identity()
         self.pool5 = nn.MaxPool2d(3, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(6)  # identity at 224; lets small crops through
-        self.fc6 = nn.Linear(256 * 6 * 6, 4096)
+        self.fc6 = nn.Linear(256 * 6 * 6, 4096, bias=not bn)
+        self.norm6 = nn.BatchNorm1d(4096) if bn else nn.Identity()
         self.drop6 = nn.Dropout(config.dropout)
-        self.fc7 = nn.Linear(4096, 4096)
+        self.fc7 = nn.Linear(4096, 4096, bias=not bn)
+        self.norm7 = nn.BatchNorm1d(4096) if bn else nn.Identity()
         self.drop7 = nn.Dropout(config.dropout)
         self.fc8 = nn.Linear(4096, config.num_classes)
         self.relu = nn.ReLU(inplace=True)
@@ -96,8 +98,8 @@ class AlexNet(nn.Module):
         x = self._conv_block(self.conv4, self.norm4, x)
         x = self.pool5(self._conv_block(self.conv5, self.norm5, x))
         x = torch.flatten(self.avgpool(x), 1)
-        x = self.drop6(self.relu(self.fc6(x)))
-        x = self.drop7(self.relu(self.fc7(x)))
+        x = self.drop6(self.relu(self.norm6(self.fc6(x))))
+        x = self.drop7(self.relu(self.norm7(self.fc7(x))))
         return self.fc8(x)
 
     def _conv_block(self, conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,7 @@ def init_kaiming(model: AlexNet) -> None:
                 nn.init.normal_(module.weight, mean=0.0, std=0.01)
             else:
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.ones_(module.weight)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)

@@ -12,9 +12,9 @@ PARAMS = {
     "alexnet": 60_965_224,
     "alexnet-1gpu": 62_378_344,
     "alexnet-torchvision": 61_100_840,
-    # the paper's layout plus BN scale and shift for 96+256+384+384+256 channels, less the
-    # five conv biases BN makes redundant: 60,965,224 + 2*1376 - 1376
-    "alexnet-bn": 60_966_600,
+    # the paper's layout plus BN scale and shift for 96+256+384+384+256 conv channels and
+    # 4096+4096 fc6/fc7 units, less the biases BN makes redundant: 60,965,224 + 9568
+    "alexnet-bn": 60_974_792,
 }
 
 
@@ -169,7 +169,10 @@ def test_bn_variant_layout_and_init(models: dict[str, nn.Module]) -> None:
         assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
         fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
         assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
-    assert torch.all(m.fc6.bias == 0) and torch.all(m.fc8.bias == 0)
+    assert isinstance(m.norm6, nn.BatchNorm1d) and isinstance(m.norm7, nn.BatchNorm1d)
+    assert m.fc6.bias is None and m.fc7.bias is None and torch.all(m.fc8.bias == 0)
+    assert m.fc6.weight.std().item() == pytest.approx((2 / 9216) ** 0.5, rel=0.05)
+    assert m.fc8.weight.std().item() == pytest.approx(0.01, rel=0.05)
 
 
 def test_config_rejects_bad_values() -> None:
