@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 
 # (width, height, weight): the shape mix of ILSVRC-2012 train, rounded. "small" and
-# "large" rows are resolved per image (a random scale of 500x375 or 375x500).
+# "large" rows are resolved per image (a random scale of 500x375 or 375x500). Small ones keep
+# a shorter side of at least 256 (ImageNet has a few smaller): the loader refuses shard sets
+# whose stored images are smaller than the crop, and the bench crops 224 from the unresized set.
 SIZE_MIX = (
     (500, 375, 0.38),
     (375, 500, 0.12),
@@ -72,7 +74,7 @@ def image_size(rng: np.random.Generator) -> tuple[int, int]:
     weights = np.array([row[2] for row in SIZE_MIX])
     w, h, _ = SIZE_MIX[rng.choice(len(SIZE_MIX), p=weights / weights.sum())]
     if w in ("small", "large"):
-        scale = rng.uniform(0.3, 0.95) if w == "small" else rng.choice([1.6, 2.0, 2.56, 3.2])
+        scale = rng.uniform(0.69, 0.95) if w == "small" else rng.choice([1.6, 2.0, 2.56, 3.2])
         w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
         w, h = int(round(w * scale)), int(round(h * scale))
     return int(w), int(h)

@@ -53,7 +53,9 @@ def _pil_worker(shards_dir: str, limit: int, part: int, parts: int, passes: int,
 
 def pil_rate(shards_dir: Path, limit: int, processes: int, repeats: int, passes: int = 1) -> dict:
     """PIL decode images/s with `processes` processes, each decoding its share of the images."""
-    ctx = mp.get_context("spawn")  # a clean interpreter: no DALI or torch threads inherited
+    # fork: a spawned child would re-import the pipeline package (torch, seconds); call this
+    # before any DALI pipeline or DataLoader exists, so that no worker threads are inherited
+    ctx = mp.get_context("fork")
     runs = []
     for _ in range(repeats):
         ready, go, done = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
@@ -72,39 +74,48 @@ def pil_rate(shards_dir: Path, limit: int, processes: int, repeats: int, passes:
     return figure(runs)
 
 
-def dali_rate(blobs: list[bytes], device: str, threads: int, batch_size: int, repeats: int,
-              passes: int = 1) -> dict:
-    """DALI decoder-only images/s: `device` "cpu" (device_id None) or "mixed" (GPU 0)."""
-    from nvidia.dali import fn, pipeline_def, types
+def pil_source(name: str, blobs: list[bytes], batch_size: int):
+    """A batch source that decodes `batch_size` images with PIL in this thread per batch:
+    the per-core PIL rate, timed in the same rounds as the loaders."""
+    from pipeline.bench_loaders import Source
+
+    def run():
+        i = 0
+        while True:
+            _pil_decode([blobs[(i + k) % len(blobs)] for k in range(batch_size)])
+            i = (i + batch_size) % len(blobs)
+            yield batch_size, True
+
+    return Source(name, run)
+
+
+def dali_decode_source(name: str, blobs: list[bytes], device: str, threads: int, batch_size: int):
+    """A batch source that runs DALI's decoder alone on encoded bytes held in memory:
+    `device` "cpu" (device_id None) or "mixed" (GPU 0, the hardware decoder where there is one)."""
+    from pipeline.bench_loaders import pipeline_source
 
     arrays = [np.frombuffer(b, dtype=np.uint8) for b in blobs]
-    batches = [arrays[i:i + batch_size] for i in range(0, len(arrays) - batch_size + 1, batch_size)]
-    if not batches:
+    if len(arrays) < batch_size:
         raise ValueError(f"decode bound: {len(arrays)} images is fewer than one batch of {batch_size}")
-    state = {"i": 0}
+    batches = [arrays[i:i + batch_size] for i in range(0, len(arrays) - batch_size + 1, batch_size)]
 
-    def feed():
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        return batch
+    def build():
+        from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None if device == "cpu" else 0,
-                  prefetch_queue_depth=2, exec_dynamic=True)
-    def decode_only():
-        jpegs = fn.external_source(source=feed, no_copy=True, batch=True)
-        return fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+        state = {"i": 0}
 
-    pipe = decode_only()
-    pipe.build()
-    for _ in range(2):
-        pipe.run()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(len(batches) * passes):
-            (out,) = pipe.run()
-        if device == "mixed":
-            out.as_cpu()  # wait for the GPU to finish the last batch
-        runs.append(len(batches) * passes * batch_size / (time.perf_counter() - start))
-    del pipe
-    return figure(runs)
+        def feed():
+            state["i"] += 1
+            return batches[(state["i"] - 1) % len(batches)]
+
+        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None if device == "cpu" else 0,
+                      prefetch_queue_depth=2)
+        def decode_only():
+            jpegs = fn.external_source(source=feed, no_copy=True, batch=True)
+            return fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+
+        pipe = decode_only()
+        pipe.build()
+        return pipe
+
+    return pipeline_source(name, build, batch_size)

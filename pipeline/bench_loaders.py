@@ -1,89 +1,97 @@
 """Timing batch sources side by side, interleaved, so that drift on a shared machine hits all.
 
-A source is anything that hands out batches: a loader from `make_loader`, or a bare DALI
-pipeline cut after some stage. Every source is built first; then, round after round, each
-one is warmed up (its first batches after a switch are not timed) and timed for a window of
-batches. The median over rounds is the figure, the rounds give its spread. Ratios between
-sources are taken from the same rounds, so a noisy neighbour slows all of them alike.
+A source is anything that hands out batches: a loader from `make_loader`, a bare DALI
+pipeline cut after some stage, a decoder alone. Round after round, every source is opened
+fresh (a new epoch: new DALI pipeline, new DataLoader workers), warmed up (its first batches
+carry the start-up and the burst of its first parallel batches, and are not timed), timed
+for a window of batches, and closed, so no read-ahead of one source runs on while the next
+one is timed. The median over rounds is the figure, the rounds give its spread; ratios
+between sources come from the same rounds, so a noisy neighbour slows all of them alike.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from pipeline.bench_stats import figure
 
 
 @dataclass
 class Source:
-    """A named batch source: `next_batch()` returns (images in the batch, timed) where timed
-    is False for a batch that started a new epoch (its wait includes the epoch restart)."""
+    """A named batch source. `open()` starts a fresh run: an iterator of (images in the batch,
+    timed), where timed is False for a batch that began a new epoch (it waited for the restart);
+    closing the iterator stops the run and everything it started."""
 
     name: str
-    next_batch: Callable[[], tuple[int, bool]]
-    close: Callable[[], None] = lambda: None
+    open: Callable[[], Iterator[tuple[int, bool]]]
+    warmup: int = 0  # extra untimed batches this source needs (e.g. one per DataLoader worker)
     meta: dict = field(default_factory=dict)
 
 
-def loader_source(name: str, loader: Any, meta: dict | None = None) -> Source:
-    """Wrap an iterable loader (one epoch per `iter()`): epochs roll over without end."""
-    state = {"it": iter(loader)}
+def loader_source(name: str, loader: Any, warmup: int = 0, meta: dict | None = None) -> Source:
+    """Wrap a loader (one epoch per `iter()`); epochs roll over without end."""
+    def run() -> Iterator[tuple[int, bool]]:
+        while True:
+            first = True
+            for batch in loader:
+                yield int(batch[0].shape[0]), not first
+                first = False
 
-    def next_batch() -> tuple[int, bool]:
+    return Source(name, run, warmup, dict(meta or {}))
+
+
+def pipeline_source(name: str, build: Callable[[], Any], batch_size: int, meta: dict | None = None) -> Source:
+    """Wrap a DALI pipeline factory: each run builds one, each `run()` is one batch."""
+    def run() -> Iterator[tuple[int, bool]]:
+        pipe = build()
         try:
-            batch = next(state["it"])
-            timed = True
-        except StopIteration:
-            state["it"] = iter(loader)
-            batch = next(state["it"])
-            timed = False
-        return int(batch[0].shape[0]), timed
+            while True:
+                pipe.run()
+                yield batch_size, True
+        finally:
+            del pipe
 
-    def close() -> None:
-        state["it"] = None
-
-    return Source(name, next_batch, close, dict(meta or {}))
+    return Source(name, run, 0, dict(meta or {}))
 
 
-def pipeline_source(name: str, pipe: Any, batch_size: int, meta: dict | None = None) -> Source:
-    """Wrap a built DALI pipeline: each `run()` is one batch."""
-    def next_batch() -> tuple[int, bool]:
-        pipe.run()
-        return batch_size, True
-
-    return Source(name, next_batch, lambda: None, dict(meta or {}))
-
-
-def time_window(source: Source, warmup: int, window: int) -> float:
-    """Images/s over `window` timed batches, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        source.next_batch()
+def time_window(batches: Iterator[tuple[int, bool]], warmup: int, window: int) -> tuple[float, float]:
+    """(images/s over `window` timed batches after `warmup` untimed ones, seconds to the first batch)."""
+    start = time.perf_counter()
+    next(batches)
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        next(batches)
     images, seconds, done = 0, 0.0, 0
     while done < window:
         start = time.perf_counter()
-        n, timed = source.next_batch()
+        n, timed = next(batches)
         elapsed = time.perf_counter() - start
         if timed:
             images += n
             seconds += elapsed
             done += 1
-    return images / seconds
+    return images / seconds, first
 
 
 def measure_interleaved(sources: Iterable[Source], warmup: int, window: int, repeats: int,
-                        settle_s: float = 0.3, progress: Callable[[str], None] = print) -> dict[str, dict]:
-    """{source name: figure}: `repeats` rounds, each timing every source once in turn.
-
-    `settle_s` lets the source timed before finish its read-ahead before the next one starts,
-    so that leftover background work is not billed to the wrong source.
-    """
+                        settle_s: float = 0.1, progress: Callable[[str], None] = print) -> dict[str, dict]:
+    """{source name: {"images_per_s": figure, "first_batch_s": figure}} over `repeats` rounds,
+    each opening, timing and closing every source in turn."""
     sources = list(sources)
-    runs: dict[str, list[float]] = {s.name: [] for s in sources}
+    rates: dict[str, list[float]] = {s.name: [] for s in sources}
+    firsts: dict[str, list[float]] = {s.name: [] for s in sources}
     for r in range(repeats):
         for s in sources:
-            time.sleep(settle_s)
-            rate = time_window(s, warmup, window)
-            runs[s.name].append(rate)
-            progress(f"  round {r + 1}/{repeats}  {s.name:<34} {rate:8.1f} images/s")
-    return {name: figure(values) for name, values in runs.items()}
+            time.sleep(settle_s)  # let the last source's processes and threads wind down
+            batches = s.open()
+            try:
+                rate, first = time_window(batches, max(1, warmup + s.warmup), window)
+            finally:
+                batches.close()
+            rates[s.name].append(rate)
+            firsts[s.name].append(first)
+            progress(f"  round {r + 1}/{repeats}  {s.name:<44} {rate:8.1f} images/s")
+    return {name: {"images_per_s": figure(rates[name]), "first_batch_s": figure(firsts[name], unit="s")}
+            for name in rates}

@@ -1,0 +1,317 @@
+"""`make bench`: input-pipeline throughput against the torch baseline and the decode bound.
+
+    python -m pipeline.bench                 # cached ImageNet-like corpus (256 and full size)
+    python -m pipeline.bench --shards DIR    # the user's own shards
+    python -m pipeline.bench --quick         # about a minute: the same JSON, fewer rounds
+
+All figures of one shard set are measured in the same rounds, interleaved (see
+`pipeline.bench_loaders`): the decode bound (PIL and DALI's CPU decoder alone, per core;
+DALI `mixed` on a GPU), the torch baseline at 0..cores DataLoader workers, DALI CPU per crop
+policy and thread count (DALI GPU when there is one), and the DALI CPU graph cut after each
+stage (the profile). Then the end-to-end figure: the data-wait share of AlexNet training
+steps with each loader. Writes `runs/bench/latest.json`, a timestamped copy and `bench.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+
+from pipeline.bench_corpus import CorpusSpec, ensure_corpus
+from pipeline.bench_decode import dali_decode_source, load_jpegs, pil_rate, pil_source
+from pipeline.bench_loaders import Source, loader_source, measure_interleaved, pipeline_source
+from pipeline.bench_profile import PROFILE_STAGES, build_stage
+from pipeline.bench_report import plot, table, write_json
+from pipeline.bench_stats import ratio
+
+SCHEMA = 1
+TARGETS = {"dali_cpu_over_torch": 1.5, "dali_cpu_over_decode_bound": 0.85}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how wide the bench measures."""
+
+    batch_size: int = 64
+    crop_size: int = 224
+    warmup: int = 2  # untimed batches each time a source's turn comes (torch: plus one per worker)
+    window: int = 8  # timed batches per round
+    repeats: int = 3  # rounds: the figure is their median, the spread their range
+    settle_s: float = 0.1
+    decode_images: int = 640  # encoded images held in memory for the decode bound
+    torch_workers: tuple[int, ...] = ()  # empty: 0..cores
+    dali_threads: tuple[int, ...] = ()  # empty: 1 and cores
+    profile: bool = True
+    e2e_model: str = "alexnet-bn"
+    e2e_crop: int = 128
+    e2e_steps: int = 12
+    e2e_warmup: int = 3
+
+
+QUICK = Settings(batch_size=16, warmup=1, window=2, repeats=2, settle_s=0.0, decode_images=64,
+                 e2e_crop=64, e2e_steps=2, e2e_warmup=1)
+
+
+class Progress:
+    """Timestamped progress lines on stderr."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def count(n: int, word: str) -> str:
+    """"1 thread", "2 threads", "0 workers", "2 processes"."""
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown") \
+        if Path("/proc/cpuinfo").is_file() else platform.processor() or "unknown"
+    mem = None
+    if Path("/proc/meminfo").is_file():
+        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        mem = round(kb / 2**20, 1)
+    return {"cores": len(os.sched_getaffinity(0)), "cpu_model": cpu, "memory_gib": mem,
+            "gpu": gpu_name(), "platform": platform.platform()}
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def versions() -> dict:
+    from PIL import features
+
+    out = {"python": platform.python_version(), "libjpeg_turbo": features.version("jpg")}
+    for dist in ("torch", "nvidia-dali-cuda120", "nvidia-dali-cuda130", "webdataset", "pillow", "numpy", "ray"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def loader_configs(settings: Settings, cores: int, gpu: bool) -> list[tuple[str, dict]]:
+    """(name, make_loader keyword arguments) for every loader the bench times."""
+    workers = settings.torch_workers or tuple(range(cores + 1))
+    threads = settings.dali_threads or tuple(sorted({1, cores}))
+    out = [(f"torch {count(w, 'worker')}", dict(backend="torch", device="cpu", num_threads=w)) for w in workers]
+    out += [(f"dali cpu {crop} {count(t, 'thread')}", dict(backend="dali", device="cpu", crop=crop, num_threads=t))
+            for crop in ("rrc", "paper") for t in threads]
+    if gpu:
+        out += [(f"dali gpu {crop} {count(cores, 'thread')}", dict(backend="dali", device="cuda", crop=crop, num_threads=cores))
+                for crop in ("rrc", "paper")]
+    return out
+
+
+def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, progress) -> list[Source]:
+    """Every source of one shard set: decoders alone, loaders, and the profile's cut graphs."""
+    from pipeline import make_loader
+
+    blobs = load_jpegs(shards_dir, limit=settings.decode_images)
+    b = settings.batch_size
+    sources = [pil_source("decode pil 1 thread", blobs, b)]
+    sources += [dali_decode_source(f"decode dali cpu {count(t, 'thread')}", blobs, "cpu", t, b)
+                for t in sorted({1, cores})]
+    if gpu:
+        sources.append(dali_decode_source("decode dali mixed", blobs, "mixed", cores, b))
+    for s in sources:
+        s.meta["kind"] = "decode"
+    for name, kwargs in loader_configs(settings, cores, gpu):
+        loader = make_loader(str(shards_dir), split="train", batch_size=b, rank=0, world_size=1,
+                             crop_size=settings.crop_size, seed=0, **kwargs)
+        # DataLoader workers each build whole batches and start together: their first burst is warm-up
+        extra = kwargs["num_threads"] if kwargs["backend"] == "torch" else 0
+        sources.append(loader_source(name, loader, extra, {"kind": "loader", "kwargs": kwargs}))
+    if settings.profile:
+        for stage in PROFILE_STAGES:
+            build = partial(build_stage, stage, shards_dir, b, cores, settings.crop_size)
+            sources.append(pipeline_source(f"{stage} ({count(cores, 'thread')})", build, b,
+                                           {"kind": "profile", "stage": stage}))
+    return sources
+
+
+def bench_shards(label: str, shards_dir: Path, settings: Settings, cores: int, gpu: bool, progress) -> dict:
+    """Decode bound, loaders and profile of one shard set, all in the same interleaved rounds."""
+    progress(f"[{label}] PIL decode alone in 1 and {cores} processes")
+    measured = {f"decode pil {count(procs, 'process')}": pil_rate(shards_dir, settings.decode_images, procs, settings.repeats)
+                for procs in sorted({1, cores})}
+    progress(f"[{label}] building sources on {shards_dir}")
+    sources = build_sources(shards_dir, settings, cores, gpu, progress)
+    progress(f"[{label}] timing {len(sources)} sources: {settings.repeats} rounds x "
+             f"({settings.warmup} warm-up + {settings.window} timed batches of {settings.batch_size})")
+    timed = measure_interleaved(sources, settings.warmup, settings.window, settings.repeats,
+                                settings.settle_s, progress)
+    meta = {s.name: s.meta for s in sources}
+    del sources
+    figs = {name: t["images_per_s"] for name, t in timed.items()}
+    measured.update({name: figs[name] for name in figs if meta[name]["kind"] == "decode"})
+    # per core: what one process or one DALI thread decodes, timed in the interleaved rounds
+    per_core = {n: measured[n] for n in ("decode pil 1 thread", "decode dali cpu 1 thread")}
+    best_name = max(per_core, key=lambda n: per_core[n]["median"])
+    loaders = {n: {"kwargs": meta[n]["kwargs"], "images_per_s": figs[n], "first_batch_s": timed[n]["first_batch_s"]}
+               for n in figs if meta[n]["kind"] == "loader"}
+    return {
+        "decode_bound": {"measured": measured, "bound": round(per_core[best_name]["median"] * cores, 1),
+                         "bound_from": f"{best_name} x {cores} cores", "bound_per_core": per_core[best_name]},
+        "loaders": loaders,
+        "profile": {n: figs[n] for n in figs if meta[n]["kind"] == "profile"},
+    }
+
+
+def best(loaders: dict, prefix: str) -> tuple[str, dict] | None:
+    chosen = [(n, e) for n, e in loaders.items() if n.startswith(prefix)]
+    return max(chosen, key=lambda ne: ne[1]["images_per_s"]["median"]) if chosen else None
+
+
+def end_to_end(shards_dir: Path, chosen: list[tuple[str, dict]], settings: Settings, progress) -> dict:
+    """Data-wait share while training AlexNet with each chosen loader, in one child process
+    (`orchestration.bench_e2e`: the stage that may import both the pipeline and the model)."""
+    classes_file = Path(shards_dir) / "classes.json"
+    num_classes = len(json.loads(classes_file.read_text())) if classes_file.is_file() else 1000
+    loaders = {name: {**kwargs, "batch_size": settings.batch_size, "rank": 0, "world_size": 1,
+                      "crop_size": settings.e2e_crop, "seed": 0} for name, kwargs in chosen}
+    spec = {"shards_dir": str(shards_dir), "model": settings.e2e_model, "num_classes": num_classes,
+            "steps": settings.e2e_steps, "warmup": settings.e2e_warmup, "windows": settings.repeats,
+            "loaders": loaders}
+    progress(f"end-to-end: {settings.e2e_model} at crop {settings.e2e_crop}, {settings.e2e_warmup} + "
+             f"{settings.e2e_steps} steps of {settings.batch_size} with each of: {', '.join(loaders)}")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestration.bench_e2e", "--spec", json.dumps(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {}
+    for line in proc.stdout:
+        if line.startswith("BENCH_E2E "):
+            entry = json.loads(line[len("BENCH_E2E "):])
+            name = entry.pop("name")
+            out[name] = {**entry, "loader_kwargs": dict(chosen)[name]}
+            progress(f"  {name}: data-wait share {entry['data_wait_share']['overall']:.1%}, "
+                     f"step {entry['step_s']['median']:.2f} s")
+    err = proc.stderr.read()
+    if proc.wait() != 0 or len(out) != len(loaders):
+        raise RuntimeError(f"end-to-end run failed (exit {proc.returncode}):\n{err[-3000:]}")
+    return out
+
+
+def compute_ratios(results: dict, primary: str) -> dict:
+    """The issue's ratios on the primary shard set, and the same per shard set."""
+    per = {}
+    for corpus, bests in results["best"].items():
+        bound = {"median": results["decode_bound"][corpus]["bound"]}
+        per[corpus] = {
+            "dali_cpu_over_torch": ratio(bests.get("dali_cpu"), bests.get("torch")),
+            "dali_cpu_over_decode_bound": ratio(bests.get("dali_cpu"), bound),
+            "torch_over_decode_bound": ratio(bests.get("torch"), bound),
+            "dali_gpu_over_torch": ratio(bests.get("dali_gpu"), bests.get("torch")),
+        }
+    return {**per[primary], "primary_corpus": primary, "by_corpus": per, "targets": TARGETS}
+
+
+def run(args: argparse.Namespace) -> dict:
+    progress = Progress()
+    settings = QUICK if args.quick else Settings()
+    if args.batch_size:
+        settings = replace(settings, batch_size=args.batch_size)
+    if args.repeats:
+        settings = replace(settings, repeats=args.repeats)
+    cores = len(os.sched_getaffinity(0))
+    gpu = gpu_name() is not None
+    if args.shards:
+        shards_dir = Path(args.shards)
+        if not (shards_dir / "train").is_dir():
+            raise SystemExit(f"--shards {shards_dir}: no train/ split there; pass a directory written by "
+                             "`python -m shards build` (or `make shards`)")
+        corpora = {"user": (shards_dir, f"your shards: {shards_dir}", None)}
+    else:
+        spec = CorpusSpec(images=256) if args.quick else CorpusSpec()
+        root = Path(args.data) / ("quick" if args.quick else "corpus")
+        corpus = ensure_corpus(root, spec, progress=progress)
+        corpora = {"256": (corpus.shards["256"], "ImageNet-like, packed --shorter-side 256", corpus.stats),
+                   "full": (corpus.shards["full"], "ImageNet-like, packed at original size", corpus.stats)}
+    settings = replace(settings, crop_size=fit_crop(settings.crop_size, [p for p, _, _ in corpora.values()], progress),
+                       e2e_crop=min(settings.e2e_crop, fit_crop(settings.crop_size, [p for p, _, _ in corpora.values()], None)))
+    results: dict = {
+        "schema": SCHEMA, "created": dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join([Path(sys.executable).name, "-m", "pipeline.bench", *sys.argv[1:]]),
+        "quick": bool(args.quick), "machine": machine(), "versions": versions(),
+        "settings": {**asdict(settings), "note": "e2e trains on CPU at a small crop: the CPU is both the "
+                     "trainer and the loader here, so the share shows contention, not a GPU's appetite"
+                     if not gpu else "e2e trains on the GPU"},
+        "corpora": {}, "decode_bound": {}, "loaders": {}, "profile": {}, "best": {}, "end_to_end": {},
+    }
+    for label, (path, text, stats) in corpora.items():
+        block = bench_shards(label, path, settings, cores, gpu, progress)
+        results["corpora"][label] = {"shards_dir": str(path), "label": text,
+                                     "description": (stats or {}).get(label)}
+        results["decode_bound"][label] = block["decode_bound"]
+        results["loaders"][label] = block["loaders"]
+        results["profile"][label] = block["profile"]
+        results["best"][label] = {}
+        for key, prefix in (("torch", "torch "), ("dali_cpu", "dali cpu "), ("dali_gpu", "dali gpu ")):
+            found = best(block["loaders"], prefix)
+            if found:
+                results["best"][label][key] = {"name": found[0], **found[1]["images_per_s"]}
+    primary = "user" if args.shards else "256"
+    if stats := next(iter(corpora.values()))[2]:
+        results["corpora"]["source_tree"] = {"label": "generated tree before packing", "description": stats["source"],
+                                             "shards_dir": None}
+    prefixes = ("torch ", "dali cpu ", "dali gpu ") if args.quick else \
+        ("torch ", "dali cpu rrc", "dali cpu paper", "dali gpu rrc")
+    chosen = [(found[0], found[1]["kwargs"]) for prefix in prefixes
+              if (found := best(results["loaders"][primary], prefix))]
+    results["end_to_end"] = end_to_end(corpora[primary][0], chosen, settings, progress)
+    results["ratios"] = compute_ratios(results, primary)
+    out_dir = Path(args.out)
+    png = plot(results, out_dir / "bench.png")
+    results["png"] = str(png)
+    latest, stamped = write_json(results, out_dir)
+    print(table(results))
+    print(f"\nwrote {latest}, {stamped} and {png}")
+    return results
+
+
+def fit_crop(crop: int, shard_dirs: list[Path], progress) -> int:
+    """The crop, lowered (with a notice) where a shard set stores smaller images than it."""
+    from pipeline.shardset import min_stored_side
+
+    sides = [s for s in (min_stored_side(d, "train") for d in shard_dirs) if s]
+    if sides and min(sides) < crop:
+        fitted = min(sides) // 8 * 8
+        if progress:
+            progress(f"notice: stored images are as small as {min(sides)} px: cropping {fitted} instead of {crop}")
+        return fitted
+    return crop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", help="measure these shards instead of the generated corpus")
+    parser.add_argument("--quick", action="store_true", help="about a minute: small batches, two rounds")
+    parser.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
+    parser.add_argument("--data", default="data/bench", help="where the generated corpus is cached")
+    parser.add_argument("--batch-size", type=int, help="override the batch size (default 64; quick 16)")
+    parser.add_argument("--repeats", type=int, help="override the number of rounds")
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"bench: {err}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The bench's outputs: `latest.json` plus a timestamped copy, a console table, a PNG chart."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+def write_json(results: dict, out_dir: Path) -> tuple[Path, Path]:
+    """Write `out_dir/latest.json` and `out_dir/bench-<created>.json`; return both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = results["created"].replace(":", "").replace("-", "")
+    stamped = out_dir / f"bench-{stamp}.json"
+    tmp = out_dir / ".latest.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    shutil.copyfile(tmp, stamped)
+    tmp.replace(out_dir / "latest.json")
+    return out_dir / "latest.json", stamped
+
+
+def rows(results: dict) -> list[tuple[str, str, dict]]:
+    """(corpus, label, figure) for every images/s figure, in the order the table shows them."""
+    out = []
+    for corpus, block in results["decode_bound"].items():
+        for name, fig in block["measured"].items():
+            out.append((corpus, name, fig))
+        for name, entry in results["loaders"].get(corpus, {}).items():
+            out.append((corpus, f"loader: {name}", entry["images_per_s"]))
+        for name, fig in results["profile"].get(corpus, {}).items():
+            out.append((corpus, f"profile: {name}", fig))
+    return out
+
+
+def table(results: dict) -> str:
+    """The short console table: every figure, median and spread, against the best torch."""
+    lines = [f"{'corpus':<7} {'what':<58} {'images/s':>9} {'spread':>7} {'x torch':>8}"]
+    for corpus, label, fig in rows(results):
+        best_torch = results["best"].get(corpus, {}).get("torch")
+        rel = f"{fig['median'] / best_torch['median']:.2f}" if best_torch and fig["unit"] == "images/s" else ""
+        lines.append(f"{corpus:<7} {label:<58} {fig['median']:>9.1f} {fig['spread']:>6.0%} {rel:>8}")
+    for corpus, block in results["decode_bound"].items():
+        lines.append(f"{corpus:<7} {'decode bound (best per core x ' + str(results['machine']['cores']) + ' cores)':<58} "
+                     f"{block['bound']:>9.1f}")
+    for name, entry in results["end_to_end"].items():
+        share = entry["data_wait_share"]
+        lines.append(f"{'e2e':<7} {name + ': data-wait share of a step':<58} {share['overall']:>9.1%} "
+                     f"{share['spread']:>6.0%}   ({entry['images_per_s']:.1f} images/s training)")
+    for key, value in results["ratios"].items():
+        if not isinstance(value, dict):
+            lines.append(f"ratio   {key:<58} {value if value is not None else 'n/a':>9}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> Path:
+    """A horizontal bar chart of every images/s figure (median, min-max whiskers), one panel
+    per corpus, and the end-to-end data-wait shares."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = list(results["decode_bound"])
+    panels = len(corpora) + (1 if results["end_to_end"] else 0)
+    per_panel = [[r for r in rows(results) if r[0] == c] for c in corpora]
+    heights = [max(2.0, 0.32 * len(p) + 1.0) for p in per_panel] + ([2.0] if results["end_to_end"] else [])
+    fig, axes = plt.subplots(panels, 1, figsize=(10, sum(heights)), gridspec_kw={"height_ratios": heights},
+                             squeeze=False)
+    colours = {"decode": "#888888", "loader": "#1f77b4", "profile": "#9ecae1"}
+    for ax, corpus, panel in zip(axes[:, 0], corpora, per_panel):
+        labels = [label for _, label, _ in panel]
+        med = [f["median"] for _, _, f in panel]
+        err = [[f["median"] - f["min"] for _, _, f in panel], [f["max"] - f["median"] for _, _, f in panel]]
+        cols = [colours["decode"] if l.startswith("decode") else
+                "#d62728" if "dali" in l and l.startswith("loader") else
+                colours["loader"] if l.startswith("loader") else colours["profile"] for l in labels]
+        bound = results["decode_bound"][corpus]["bound"]
+        # reading alone runs ~20x faster than decoding: clip its bars and print their value
+        limit = 1.25 * max([bound] + [f["max"] for l, f in zip(labels, (f for _, _, f in panel))
+                                      if not l.startswith("profile: read")])
+        ax.barh(range(len(med)), med, xerr=err, color=cols, capsize=2)
+        ax.set_xlim(0, limit)
+        for y, m in enumerate(med):
+            if m > limit:
+                ax.text(limit * 0.99, y, f"{m:,.0f} →", va="center", ha="right", fontsize=7, color="white")
+        ax.axvline(bound, color="k", ls="--", lw=1, label="decode bound (best per core x cores)")
+        ax.set_yticks(range(len(med)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("images/s (median of rounds; whiskers min-max)")
+        ax.set_title(f"corpus {corpus}: {results['corpora'][corpus]['label']}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    if results["end_to_end"]:
+        ax = axes[-1, 0]
+        names = list(results["end_to_end"])
+        shares = [results["end_to_end"][n]["data_wait_share"]["overall"] * 100 for n in names]
+        ax.barh(range(len(names)), shares, color="#ff7f0e")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"data-wait share of a training step, % ({results['settings']['e2e_model']}, "
+                      f"crop {results['settings']['e2e_crop']}, {results['settings']['e2e_steps']} steps)")
+    fig.suptitle(f"make bench, {results['created']}: {results['machine']['cores']} cores, "
+                 f"{results['machine']['cpu_model']}, GPU: {results['machine']['gpu'] or 'none'}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

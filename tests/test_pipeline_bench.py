@@ -1,0 +1,155 @@
+"""`python -m pipeline.bench`: the quick run writes every JSON field and the PNG; the corpus is
+deterministic, ImageNet-like and cached. No timing assertions (speed goes to the bench)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.bench_corpus import SIZE_MIX, CorpusSpec, ensure_corpus, image_size, synth_image
+from pipeline.bench_profile import PROFILE_STAGES
+from pipeline.bench_stats import figure
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURE_KEYS = {"median", "min", "max", "spread", "runs", "unit"}
+
+
+def run_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pipeline.bench", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check_figure(fig: dict, repeats: int, unit: str = "images/s") -> None:
+    assert set(fig) >= FIGURE_KEYS, fig
+    assert fig["unit"] == unit
+    assert len(fig["runs"]) == repeats
+    assert 0 < fig["min"] <= fig["median"] <= fig["max"]
+    assert fig["spread"] == pytest.approx((fig["max"] - fig["min"]) / fig["median"], abs=2e-3)
+
+
+def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = run_bench("--quick", "--shards", str(demo_shards), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    latest = out / "latest.json"
+    res = json.loads(latest.read_text())
+    stamped = sorted(out.glob("bench-*.json"))
+    assert len(stamped) == 1 and json.loads(stamped[0].read_text()) == res
+
+    assert res["schema"] == 1 and res["quick"] is True
+    cores = res["machine"]["cores"]
+    assert cores == len(os.sched_getaffinity(0)) and res["machine"]["cpu_model"]
+    assert "gpu" in res["machine"] and res["machine"]["memory_gib"] > 0
+    for dist in ("python", "torch", "webdataset", "pillow", "numpy", "libjpeg_turbo"):
+        assert res["versions"][dist]
+    assert any(k.startswith("nvidia-dali") for k in res["versions"])
+    repeats = res["settings"]["repeats"]
+    assert repeats >= 2
+
+    assert list(res["corpora"]) == ["user"] and res["corpora"]["user"]["shards_dir"] == str(demo_shards)
+    bound = res["decode_bound"]["user"]
+    for name in ("decode pil 1 thread", "decode dali cpu 1 thread", "decode pil 1 process",
+                 f"decode pil {cores} processes", f"decode dali cpu {cores} threads"):
+        check_figure(bound["measured"][name], repeats)
+    assert bound["bound"] == pytest.approx(bound["bound_per_core"]["median"] * cores, rel=1e-3)
+    assert bound["bound_from"].endswith(f"x {cores} cores")
+
+    loaders = res["loaders"]["user"]
+    expected = {f"torch {w} worker{'' if w == 1 else 's'}" for w in range(cores + 1)}
+    expected |= {f"dali cpu {c} {t} thread{'' if t == 1 else 's'}" for c in ("rrc", "paper") for t in {1, cores}}
+    assert set(loaders) >= expected
+    for name, entry in loaders.items():
+        check_figure(entry["images_per_s"], repeats)
+        check_figure(entry["first_batch_s"], repeats, unit="s")
+        assert entry["kwargs"]["backend"] in ("torch", "dali")
+    profile = res["profile"]["user"]
+    assert [p.split(" (")[0] for p in profile] == list(PROFILE_STAGES)
+    for fig in profile.values():
+        check_figure(fig, repeats)
+
+    best = res["best"]["user"]
+    assert best["torch"]["name"].startswith("torch") and best["dali_cpu"]["name"].startswith("dali cpu")
+    assert set(res["end_to_end"]) >= {best["torch"]["name"]}
+    for entry in res["end_to_end"].values():
+        share = entry["data_wait_share"]
+        check_figure(share, min(repeats, res["settings"]["e2e_steps"]), unit="fraction")
+        assert 0 < share["overall"] < 1 and share["max"] <= 1
+        check_figure(entry["step_s"], res["settings"]["e2e_steps"], unit="s")
+        assert entry["images_per_s"] > 0
+
+    ratios = res["ratios"]
+    for key in ("dali_cpu_over_torch", "dali_cpu_over_decode_bound", "torch_over_decode_bound"):
+        assert isinstance(ratios[key], float) and ratios[key] > 0
+    assert ratios["dali_cpu_over_torch"] == pytest.approx(best["dali_cpu"]["median"] / best["torch"]["median"], rel=1e-2)
+    assert ratios["dali_cpu_over_decode_bound"] == pytest.approx(best["dali_cpu"]["median"] / bound["bound"], rel=1e-2)
+    assert ratios["targets"] == {"dali_cpu_over_torch": 1.5, "dali_cpu_over_decode_bound": 0.85}
+
+    png = Path(res["png"])
+    assert png == out / "bench.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        assert im.width > 500 and im.height > 300
+    assert "dali_cpu_over_torch" in proc.stdout and "images/s" in proc.stdout
+    assert "round 1/" in proc.stderr  # progress is shown while it runs
+
+
+def test_bench_refuses_a_missing_shard_dir_in_one_line(tmp_path: Path) -> None:
+    proc = run_bench("--quick", "--shards", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert str(tmp_path / "nope") in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_corpus_images_are_deterministic_and_imagenet_like() -> None:
+    first = synth_image(7, seed=0)
+    assert np.array_equal(np.asarray(first), np.asarray(synth_image(7, seed=0)))
+    assert not np.array_equal(np.asarray(first), np.asarray(synth_image(7, seed=1)))
+    sizes = []
+    for index in range(12):
+        buf = io.BytesIO()
+        img = synth_image(index)
+        if img.size == (500, 375):
+            img.save(buf, "JPEG", quality=90)
+            sizes.append(len(buf.getvalue()))
+    assert sizes and 60_000 < np.median(sizes) < 160_000  # ImageNet: ~110 KB for a 500x375 photo
+
+
+def test_corpus_size_mix_follows_imagenet() -> None:
+    rng = np.random.default_rng(0)
+    dims = [image_size(rng) for _ in range(4000)]
+    share = {wh: dims.count(wh) / len(dims) for wh in {(500, 375), (375, 500), (500, 333)}}
+    weights = {(w, h): p for w, h, p in SIZE_MIX if isinstance(w, int)}
+    total = sum(p for _, _, p in SIZE_MIX)
+    for wh, got in share.items():
+        assert got == pytest.approx(weights[wh] / total, abs=0.03)
+    assert min(min(w, h) for w, h in dims) >= 256  # the loader crops 224 from the unresized set
+    assert max(max(w, h) for w, h in dims) > 1000  # a few very large photos, as ImageNet has
+
+
+def test_corpus_is_cached_by_fingerprint(tmp_path: Path) -> None:
+    spec = CorpusSpec(images=24, classes=3, shard_size_mb=1)
+    corpus = ensure_corpus(tmp_path / "c", spec, workers=1, progress=lambda m: None)
+    for name in ("256", "full"):
+        assert sorted((corpus.shards[name] / "train").glob("*.tar"))
+        assert corpus.stats[name]["images"] == 24
+    assert corpus.stats["256"]["width_mean"] < corpus.stats["full"]["width_mean"]
+    stamp = (corpus.root / "corpus.json").stat().st_mtime_ns
+    said = []
+    again = ensure_corpus(tmp_path / "c", spec, workers=1, progress=said.append)
+    assert again.stats == corpus.stats and (corpus.root / "corpus.json").stat().st_mtime_ns == stamp
+    assert "reusing" in said[0]
+    assert CorpusSpec(images=25).fingerprint() != CorpusSpec(images=24).fingerprint()
+
+
+def test_figure_reports_median_and_spread() -> None:
+    fig = figure([100.0, 300.0, 200.0])
+    assert fig["median"] == 200.0 and fig["min"] == 100.0 and fig["max"] == 300.0 and fig["spread"] == 1.0
+    with pytest.raises(ValueError):
+        figure([])
