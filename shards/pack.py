@@ -116,7 +116,7 @@ def _prepare_out(out: Path, fingerprint: str, settings: dict, overwrite: bool) -
         probe = out / ".pack-write-test"
         probe.write_bytes(b"")
         probe.unlink()
-    except PermissionError as e:
+    except OSError as e:
         raise PermissionError(f"{out}: output not writable ({e.strerror}); fix its permissions or choose another --out") from None
     state_path = out / PACK_DIR / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
