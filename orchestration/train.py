@@ -343,7 +343,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def start_ray() -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else an embedded local Ray
-    on loopback with no dashboard."""
+    on loopback (its dashboard too: Ray Train's clean-up actor polls the state API behind it)."""
     import ray
 
     if ray.is_initialized():
@@ -351,7 +351,7 @@ def start_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:

@@ -1,0 +1,131 @@
+"""Config loading and its errors, checkpoints and metrics files: no Ray needed."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from orchestration.checkpoint import KEYS, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from orchestration.config import check_shards, load_config, parse_overrides, valid_keys
+from orchestration.metrics import MetricsLog, plot_curves, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"name": "t", "storage_path": "runs", "shards_dir": "data/shards", "model": "alexnet-bn",
+        "epochs": 2, "batch_size": 8, "workers": 2, "use_gpu": False}
+
+
+def write_yaml(path: Path, values: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "imagenet-paper.yaml", "imagenet-fast.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / name)
+    assert Path(cfg.shards_dir).is_absolute() and Path(cfg.storage_path).is_absolute()
+
+
+def test_paper_and_fast_recipes_say_what_the_issue_asks() -> None:
+    paper = load_config(ROOT / "configs" / "imagenet-paper.yaml")
+    assert (paper.model, paper.batch_size * paper.workers, paper.momentum, paper.weight_decay, paper.lr) == \
+        ("alexnet", 128, 0.9, 0.0005, 0.01)
+    assert (paper.schedule, paper.plateau_factor, paper.crop, paper.eval_crop) == ("plateau", 0.1, "paper", "ten_crop")
+    fast = load_config(ROOT / "configs" / "imagenet-fast.yaml", ["workers=4"])
+    assert fast.model == "alexnet-bn" and fast.use_gpu and fast.precision == "bf16" and fast.channels_last
+    assert fast.peak_lr == pytest.approx(fast.lr * fast.batch_size * 4 / fast.lr_base_batch)
+    assert fast.schedule == "cosine" and fast.warmup_epochs > 0 and fast.label_smoothing > 0 and fast.crop == "rrc"
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    assert demo.workers == 2 and not demo.use_gpu and demo.model.startswith("alexnet")
+
+
+def test_overrides_typed_and_relative_paths_resolve_against_cwd(tmp_path: Path, monkeypatch) -> None:
+    cfg_file = write_yaml(tmp_path / "c.yaml", BASE)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cfg_file, ["epochs=5", "lr=0.5", "use_gpu=true", "name=other", "shards_dir=s"])
+    assert (cfg.epochs, cfg.lr, cfg.use_gpu, cfg.name) == (5, 0.5, True, "other")
+    assert cfg.shards_dir == str(tmp_path / "s") and cfg.run_dir == tmp_path / "runs" / "other"
+    assert parse_overrides(["a=1", "b=x=y", "c="]) == {"a": 1, "b": "x=y", "c": ""}
+
+
+@pytest.mark.parametrize("values, overrides, message", [
+    ({**BASE, "learning_rate": 0.1}, [], "unknown key(s) learning_rate; valid keys: name, storage_path"),
+    (BASE, ["epoch=3"], "unknown key(s) epoch"),
+    ({k: v for k, v in BASE.items() if k != "model"}, [], "missing key(s) model"),
+    (BASE, ["epochs=two"], "epochs: expected int, got 'two'"),
+    (BASE, ["use_gpu=1"], "use_gpu: expected bool"),
+    (BASE, ["crop=center"], "crop: 'center' is not one of paper, rrc"),
+    (BASE, ["workers=0"], "workers: must be >= 1"),
+    (BASE, ["name=a/b"], "name: 'a/b' must be a plain directory name"),
+    (BASE, ["nokey"], "--set 'nokey': expected key=value"),
+])
+def test_config_errors_are_one_clear_line(tmp_path: Path, values: dict, overrides: list, message: str) -> None:
+    cfg_file = write_yaml(tmp_path / "c.yaml", values)
+    with pytest.raises(ValueError) as err:
+        load_config(cfg_file, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    if "unknown" in message:
+        assert all(key in str(err.value) for key in valid_keys())
+
+
+def test_missing_shards_say_to_run_make_shards(tmp_path: Path) -> None:
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", {**BASE, "shards_dir": str(tmp_path / "none")}))
+    with pytest.raises(FileNotFoundError, match="run `make shards`"):
+        check_shards(cfg)
+
+
+def test_cli_errors_exit_nonzero_without_traceback(tmp_path: Path) -> None:
+    bad = write_yaml(tmp_path / "bad.yaml", {**BASE, "shards_dir": str(tmp_path / "none")})
+    for args, message in (([str(tmp_path / "absent.yaml")], "no such config file"),
+                          ([str(bad)], "run `make shards`"),
+                          ([str(bad), "--set", "batch=3"], "unknown key(s) batch")):
+        out = subprocess.run([sys.executable, str(ROOT / "orchestration" / "train.py"), "--config", *args[:1],
+                              *args[1:]], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert out.returncode != 0
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_checkpoints_atomic_fixed_keys_pruned_and_safe_to_load(tmp_path: Path) -> None:
+    model = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(model)
+    model.module = nn.Linear(3, 2)  # a DDP-shaped wrapper: saved keys must carry no `module.`
+    opt = torch.optim.SGD(model.module.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    for epoch in (1, 2, 3):
+        save_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, epoch=epoch,
+                        config={"name": "t"}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-0002.pt", "epoch-0003.pt"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    state = latest_checkpoint(tmp_path)
+    assert tuple(sorted(state)) == tuple(sorted(KEYS)) and state["epoch"] == 3
+    assert set(state["model"]) == {"weight", "bias"}
+    # a checkpoint that needs code to unpickle is refused (weights_only=True)
+    evil = tmp_path / "checkpoints" / "epoch-0004.pt"
+    torch.save({**state, "config": nn.Linear(1, 1)}, evil)
+    with pytest.raises(Exception, match="weights_only|Unsupported|not allowed"):
+        load_checkpoint(evil)
+
+
+def test_metrics_resume_keeps_one_row_per_epoch(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path)
+    for epoch in (1, 2):
+        log.log_step(epoch, epoch * 10 - 5, 1.0, 0.1, 100.0, 0.2)
+        log.log_epoch(epoch, epoch * 10, 0.9, 0.1, 100.0, 0.2, 0.5, 0.9)
+    log.log_step(3, 25, 1.0, 0.1, 100.0, 0.2)  # epoch 3 interrupted
+    log.flush()
+    resumed = MetricsLog(tmp_path, resume_epoch=1)  # the newest checkpoint is epoch 1
+    assert {r["epoch"] for r in resumed.rows} == {1}
+    resumed.log_epoch(2, 20, 0.8, 0.1, 120.0, 0.1, 0.6, 0.95)
+    table = pq.read_table(tmp_path / "metrics.parquet")
+    assert table.column_names == ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5"]
+    assert [r["epoch"] for r in resumed.epoch_rows()] == [1, 2]
+    summary = summarize(resumed.epoch_rows(), wall_s=3.0, world_size=2, restarts=1)
+    assert summary["top1"] == 0.6 and summary["images_per_s"] == 120.0 and summary["epochs"] == 2
+    plot_curves(resumed.epoch_rows(), tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
