@@ -1,0 +1,118 @@
+"""Forward+backward throughput of the model family on this machine.
+
+`python -m model.bench [--models alexnet,alexnet-bn] [--crops 224,112,64] [--batch 16]
+[--steps 2] [--rounds 3] [--json FILE]`
+
+Every configuration (model x crop x fp32/bf16 x channels_last off/on) is timed once per
+round, and rounds repeat the whole set, so load from other processes spreads over all
+configurations alike; the table reports the median over rounds and each rate relative to
+fp32 contiguous of the same model and crop.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.alexnet import MIN_CROP
+from model.registry import MODEL_NAMES, build_model
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    crop: int
+    dtype: str  # "fp32" or "bf16" (autocast)
+    channels_last: bool
+
+
+def step_seconds(model: nn.Module, cfg: BenchConfig, batch: int, steps: int) -> float:
+    """Seconds per forward+backward step, after one untimed warm-up step."""
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, cfg.crop, cfg.crop).to(memory_format=fmt)
+    labels = torch.randint(0, 1000, (batch,))
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
+
+    def one() -> None:
+        model.zero_grad(set_to_none=True)
+        with amp:
+            loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+
+    one()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one()
+    return (time.perf_counter() - start) / steps
+
+
+def run(models: list[str], crops: list[int], batch: int, steps: int, rounds: int) -> list[dict]:
+    configs = [BenchConfig(m, c, d, cl) for m, c, d, cl in
+               itertools.product(models, crops, ("fp32", "bf16"), (False, True))]
+    built: dict[tuple[str, bool], nn.Module] = {}
+    for name, cl in itertools.product(models, (False, True)):
+        torch.manual_seed(0)
+        net = build_model(name).train()
+        built[name, cl] = net.to(memory_format=torch.channels_last) if cl else net
+    rates: dict[BenchConfig, list[float]] = {c: [] for c in configs}
+    for r in range(rounds):
+        for cfg in configs:
+            rates[cfg].append(batch / step_seconds(built[cfg.model, cfg.channels_last], cfg, batch, steps))
+        print(f"round {r + 1}/{rounds} done", flush=True)
+    results = []
+    for cfg in configs:
+        base = BenchConfig(cfg.model, cfg.crop, "fp32", False)
+        results.append({**asdict(cfg), "images_per_s": statistics.median(rates[cfg]),
+                        "all_rounds": rates[cfg],
+                        "vs_fp32_contiguous": statistics.median(rates[cfg]) / statistics.median(rates[base])})
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| model | crop | dtype | channels_last | images/s (median) | vs fp32 contiguous |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['crop']} | {r['dtype']} | {'on' if r['channels_last'] else 'off'} "
+                     f"| {r['images_per_s']:.1f} | {r['vs_fp32_contiguous']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="alexnet,alexnet-bn")
+    parser.add_argument("--crops", default="224,112,64")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODEL_NAMES)}")
+    try:
+        crops = [int(c) for c in args.crops.split(",")]
+    except ValueError:
+        parser.error(f"--crops must be comma-separated integers, got {args.crops!r}")
+    if min(crops) < MIN_CROP or args.batch < 1 or args.steps < 1 or args.rounds < 1:
+        parser.error(f"need crops >= {MIN_CROP} and batch, steps, rounds >= 1")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}", flush=True)
+    results = run(models, crops, args.batch, args.steps, args.rounds)
+    print(markdown(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
