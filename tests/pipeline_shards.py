@@ -58,8 +58,13 @@ def gradient(h: int, w: int) -> np.ndarray:
     return np.stack([x, y, np.full((h, w), 128.0)], -1).round().astype(np.uint8)
 
 
-def write_gradient_shards(root: Path, split: str, n: int, h: int, w: int, per_shard: int = 64) -> None:
-    _write(root / split, ((f"g{i:05d}", gradient(h, w), 0) for i in range(n)), per_shard)
+def write_gradient_shards(root: Path, split: str, n: int, h: int, w: int, per_shard: int = 64,
+                          also: tuple[int, int] | None = None) -> dict[str, tuple[int, int]]:
+    """`n` gradient images of h x w (every other one `also` = (h, w) when given); key -> (h, w)."""
+    sizes = [(h, w), also] if also else [(h, w)]
+    shape = {f"g{i:05d}": sizes[i % len(sizes)] for i in range(n)}
+    _write(root / split, ((key, gradient(*hw), 0) for key, hw in shape.items()), per_shard)
+    return shape
 
 
 def write_flat_shards(root: Path, split: str, n: int, level: int = 128, side: int = 32) -> None:

@@ -20,27 +20,34 @@ STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 
 @pytest.fixture(scope="module")
 def gradients(tmp_path_factory):
+    """Half the images stored at 64x96, half at 32x48: with crop 28 (cut from 32) the DALI
+    CPU graph resizes the first and ROI-decodes the second, in the same batches."""
     root = tmp_path_factory.mktemp("gradient")
-    write_gradient_shards(root, "train", 256, H, W)
-    return root
+    shapes = write_gradient_shards(root, "train", 256, H, W, also=(H // 2, W // 2))
+    return root, shapes
 
 
-def windows(root, backend, crop, crop_size, tmp_path):
-    """Per output image: (x0, x1, y0, y1) of its window in source pixels, and whether it is mirrored."""
+def windows(gradients, backend, crop, crop_size, tmp_path):
+    """Per output image: (x0, x1, y0, y1) of its window in units of the 64x96 source, and
+    whether it is mirrored."""
+    root, shapes = gradients
     loader = make_loader(root, "train", batch_size=64, device="cpu", backend=backend, crop=crop,
-                         crop_size=crop_size, lighting=False, num_threads=2,
+                         crop_size=crop_size, lighting=False, num_threads=2, return_keys=True,
                          index_cache_dir=tmp_path / "idx")
-    images = torch.cat([x for x, _ in loader]).float() * STD + MEAN
+    batches = list(loader)
+    images = torch.cat([x for x, _, _ in batches]).float() * STD + MEAN
+    h, w = torch.tensor([shapes[k] for _, _, keys in batches for k in keys], dtype=torch.float32).T
     red, green = images[:, 0].mean(1), images[:, 1].mean(2)  # x profile (per column), y profile
     left, right = red[:, 0], red[:, -1]
     flipped = left > right
     # the first and last columns sample the window half an output pixel in from its edges
     inner = crop_size / (crop_size - 1)
-    width = (left - right).abs() / 255 * (W - 1) * inner
-    height = (green[:, -1] - green[:, 0]) / 255 * (H - 1) * inner
-    x0 = torch.minimum(left, right) / 255 * (W - 1) - width / crop_size / 2
-    y0 = green[:, 0] / 255 * (H - 1) - height / crop_size / 2
-    return x0, x0 + width, y0, y0 + height, flipped
+    width = (left - right).abs() / 255 * (w - 1) * inner
+    height = (green[:, -1] - green[:, 0]) / 255 * (h - 1) * inner
+    x0 = torch.minimum(left, right) / 255 * (w - 1) - width / crop_size / 2
+    y0 = green[:, 0] / 255 * (h - 1) - height / crop_size / 2
+    scale = H / h  # to 64x96 units
+    return x0 * scale, (x0 + width) * scale, y0 * scale, (y0 + height) * scale, flipped
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
@@ -59,7 +66,8 @@ def test_random_resized_crop_area_aspect_and_flip_rate(gradients, tmp_path, back
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_paper_crop_is_a_random_patch_of_the_central_square(gradients, tmp_path, backend):
     # crop 28 of base 32: the 64x96 source is resized to 32x48, its central 32x32 square
-    # spans source x 16..80, and every 28-px patch of it spans 56 source pixels.
+    # spans source x 16..80, and every 28-px patch of it spans 56 source pixels (the 32x48
+    # images are stored at base already: the same in 64x96 units).
     x0, x1, y0, y1, flipped = windows(gradients, backend, "paper", 28, tmp_path)
     assert ((x1 - x0) - 56).abs().max() < 2.5 and ((y1 - y0) - 56).abs().max() < 2.5
     assert x0.min() > 16 - 1.5 and x1.max() < 80 + 1.5 and y0.min() > -1.5 and y1.max() < 64 + 1.5
