@@ -18,6 +18,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,8 @@ def step_seconds(model: nn.Module, cfg: BenchConfig, batch: int, steps: int) -> 
     return (time.perf_counter() - start) / steps
 
 
-def run(models: list[str], crops: list[int], batch: int, steps: int, rounds: int) -> list[dict]:
+def run(models: list[str], crops: list[int], batch: int, steps: int, rounds: int,
+        on_round: Callable[[list[dict]], None] | None = None) -> list[dict]:
     configs = [BenchConfig(m, c, d, cl) for m, c, d, cl in
                itertools.product(models, crops, ("fp32", "bf16"), (False, True))]
     built: dict[tuple[str, bool], nn.Module] = {}
@@ -68,6 +70,12 @@ def run(models: list[str], crops: list[int], batch: int, steps: int, rounds: int
         for cfg in configs:
             rates[cfg].append(batch / step_seconds(built[cfg.model, cfg.channels_last], cfg, batch, steps))
         print(f"round {r + 1}/{rounds} done", flush=True)
+        if on_round is not None:
+            on_round(_summarize(configs, rates))
+    return _summarize(configs, rates)
+
+
+def _summarize(configs: list[BenchConfig], rates: dict[BenchConfig, list[float]]) -> list[dict]:
     results = []
     for cfg in configs:
         base = BenchConfig(cfg.model, cfg.crop, "fp32", False)
@@ -106,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     if min(crops) < MIN_CROP or args.batch < 1 or args.steps < 1 or args.rounds < 1:
         parser.error(f"need crops >= {MIN_CROP} and batch, steps, rounds >= 1")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}", flush=True)
-    results = run(models, crops, args.batch, args.steps, args.rounds)
+    def write(results: list[dict]) -> None:  # after every round, so a cut-short run keeps its data
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+
+    results = run(models, crops, args.batch, args.steps, args.rounds, on_round=write)
     print(markdown(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
