@@ -46,3 +46,23 @@ def test_torch_and_dali_val_pixels_are_close(tmp_path, ten_crop):
         assert dali.shape == torch_img.shape == ((10, 3, 28, 28) if ten_crop else (3, 28, 28))
         # measured ~0.003 (resampling filters differ a little); a one-pixel shift gives ~0.07
         assert (dali - torch_img).abs().mean() < 0.02, key
+
+
+def test_torch_same_seed_same_batches_and_epochs_reshuffle(tmp_path):
+    write_colour_shards(tmp_path, "train", 48, per_shard=12)
+
+    def keys(loader):
+        return [k for _, _, ks in loader for k in ks]
+
+    def make(seed):
+        return make_loader(tmp_path, "train", batch_size=8, device="cpu", backend="torch", crop_size=16,
+                           seed=seed, return_keys=True, num_threads=2, index_cache_dir=tmp_path / "idx")
+
+    a, b = make(5), make(5)
+    first = [(x, k) for x, _, k in a]
+    again = [(x, k) for x, _, k in b]
+    assert [k for _, k in first] == [k for _, k in again]
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(first, again))
+    assert keys(a) != [k for _, ks in first for k in ks]  # epoch 1 differs from epoch 0
+    a.set_epoch(0)
+    assert keys(a) == [k for _, ks in first for k in ks]
