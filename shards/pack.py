@@ -150,7 +150,7 @@ def _encode_stream(jobs: list[tuple], workers: int) -> Iterator[tuple[int, Encod
         yield from map(encode_job, jobs)
         return
     with mp.get_context("spawn").Pool(workers, initializer=_die_with_parent) as pool:
-        yield from pool.imap(encode_job, jobs, chunksize=4)
+        yield from pool.imap(encode_job, jobs, chunksize=8)
 
 
 def _die_with_parent() -> None:
