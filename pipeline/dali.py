@@ -35,8 +35,9 @@ DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FL
 
 
 def _read(tars, indexes, shard_id, num_shards, shuffle, initial_fill=1024):
-    """Images and labels of this rank's part; val pads its part with stick_to_shard so every
-    epoch restarts at the part's first sample (the loader trims the padding)."""
+    """JPEG bytes, raw labels and raw keys of this rank's part. Val reads in order and pads
+    its part's last batch with repeats (the loader trims them by count), so no batch holds
+    samples of another part; train shuffles within a buffer of `initial_fill` samples."""
     jpegs, cls = fn.readers.webdataset(
         paths=list(tars), index_paths=list(indexes), ext=["jpg", "cls"], name=READER,
         shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle,

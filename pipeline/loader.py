@@ -97,7 +97,7 @@ class DaliLoader(EpochLoader):
             del it, pipe
 
 
-def build_pipeline(spec: LoaderSpec, epoch: int):
+def build_pipeline(spec: LoaderSpec, epoch: int) -> "nvidia.dali.Pipeline":  # noqa: F821
     """The built DALI pipeline that reads `epoch` of `spec` (exposed for benchmarks)."""
     from pipeline import dali
 
