@@ -57,6 +57,7 @@ class Settings:
     e2e_warmup: int = 3
 
 
+# --quick: the same measurements, fewer and shorter (torch at 0 and all-cores workers, DALI at all cores)
 QUICK = Settings(batch_size=16, warmup=1, window=2, repeats=2, settle_s=0.0, decode_images=64,
                  e2e_crop=64, e2e_steps=2, e2e_warmup=1)
 
@@ -141,7 +142,7 @@ def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, p
     if settings.profile:
         for stage in PROFILE_STAGES:
             build = partial(build_stage, stage, shards_dir, b, cores, settings.crop_size)
-            sources.append(pipeline_source(f"{stage} ({count(cores, 'thread')})", build, b,
+            sources.append(pipeline_source(stage, build, b,
                                            {"kind": "profile", "stage": stage}))
     return sources
 
@@ -223,12 +224,12 @@ def compute_ratios(results: dict, primary: str) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     progress = Progress()
-    settings = QUICK if args.quick else Settings()
+    cores = len(os.sched_getaffinity(0))
+    settings = replace(QUICK, torch_workers=(0, cores), dali_threads=(cores,)) if args.quick else Settings()
     if args.batch_size:
         settings = replace(settings, batch_size=args.batch_size)
     if args.repeats:
         settings = replace(settings, repeats=args.repeats)
-    cores = len(os.sched_getaffinity(0))
     gpu = gpu_name() is not None
     if args.shards:
         shards_dir = Path(args.shards)
@@ -248,7 +249,7 @@ def run(args: argparse.Namespace) -> dict:
         "schema": SCHEMA, "created": dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join([Path(sys.executable).name, "-m", "pipeline.bench", *sys.argv[1:]]),
         "quick": bool(args.quick), "machine": machine(), "versions": versions(),
-        "settings": {**asdict(settings), "note": "e2e trains on CPU at a small crop: the CPU is both the "
+        "settings": {**asdict(settings), "profile_threads": cores, "note": "e2e trains on CPU at a small crop: the CPU is both the "
                      "trainer and the loader here, so the share shows contention, not a GPU's appetite"
                      if not gpu else "e2e trains on the GPU"},
         "corpora": {}, "decode_bound": {}, "loaders": {}, "profile": {}, "best": {}, "end_to_end": {},

@@ -5,18 +5,23 @@ import statistics
 
 
 def figure(runs: list[float], unit: str = "images/s") -> dict:
-    """{"median", "min", "max", "spread", "runs", "unit"}; spread is (max - min) / median."""
+    """{"median", "min", "max", "spread", "runs", "unit"}; spread is (max - min) / median.
+    Values keep 4 significant digits (enough for noisy timings, exact for small ones)."""
     if not runs:
         raise ValueError("a figure needs at least one run")
-    med = statistics.median(runs)
+    med, lo, hi = (_sig(v) for v in (statistics.median(runs), min(runs), max(runs)))
     return {
-        "median": round(med, 3),
-        "min": round(min(runs), 3),
-        "max": round(max(runs), 3),
-        "spread": round((max(runs) - min(runs)) / med, 3) if med else 0.0,
-        "runs": [round(r, 3) for r in runs],
+        "median": med,
+        "min": lo,
+        "max": hi,
+        "spread": _sig((hi - lo) / med) if med else 0.0,
+        "runs": [_sig(r) for r in runs],
         "unit": unit,
     }
+
+
+def _sig(value: float) -> float:
+    return float(f"{value:.4g}")
 
 
 def ratio(num: dict | None, den: dict | None) -> float | None:
