@@ -76,20 +76,21 @@ def encode(path: str, key: str, shorter_side: int, quality: int, want_stats: boo
             rgb = img if img.mode == "RGB" else img.convert("RGB")
             if resize:
                 rgb = rgb.resize(size, Image.BILINEAR)
+            if copy and not resize:
+                jpeg = data
+            else:
+                buf = io.BytesIO()
+                rgb.save(buf, "JPEG", quality=quality)
+                jpeg = buf.getvalue()
+            count, s, o = _pixel_stats(np.asarray(rgb), key) if want_stats else (0, (), ())
+            width, height = rgb.size
     except UnidentifiedImageError:
         return "not an image (unrecognised format)"
     except Image.DecompressionBombError as e:
         return f"too large to decode safely ({e})"
     except (OSError, SyntaxError, ValueError) as e:
         return f"truncated or corrupt image ({e})"
-    if copy and not resize:
-        jpeg = data
-    else:
-        buf = io.BytesIO()
-        rgb.save(buf, "JPEG", quality=quality)
-        jpeg = buf.getvalue()
-    count, s, o = _pixel_stats(np.asarray(rgb), key) if want_stats else (0, (), ())
-    return Encoded(jpeg, rgb.width, rgb.height, copy and not resize, count, s, o)
+    return Encoded(jpeg, width, height, copy and not resize, count, s, o)
 
 
 def encode_job(job: tuple[str, str, int, int, bool]) -> tuple[int, Encoded | str]:
