@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 from nvidia.dali import fn, pipeline_def, types
 
+from pipeline.shardset import IMAGE_EXTS, LABEL_EXT
+
 READER = "Reader"  # the iterator finds the epoch size through this name
 RRC_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 LIGHTING_STD = 0.1
@@ -39,7 +41,8 @@ def _read(tars, indexes, shard_id, num_shards, shuffle, initial_fill=1024):
     its part's last batch with repeats (the loader trims them by count), so no batch holds
     samples of another part; train shuffles within a buffer of `initial_fill` samples."""
     jpegs, cls = fn.readers.webdataset(
-        paths=list(tars), index_paths=list(indexes), ext=["jpg", "cls"], name=READER,
+        paths=list(tars), index_paths=list(indexes), ext=[";".join(IMAGE_EXTS), LABEL_EXT],
+        name=READER,
         shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle,
         initial_fill=initial_fill, pad_last_batch=not shuffle, stick_to_shard=not shuffle,
         missing_component_behavior="error",

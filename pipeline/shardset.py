@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.index import write_index
-from shards.layouts import IDX_SUFFIX, MANIFEST_FILE, SPLITS, split_tars
+from shards.layouts import IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SPLITS, split_tars
 
+# Image member extensions read (ours is `jpg`; other WebDataset writers also use these).
+IMAGE_EXTS = (IMAGE_EXT, "jpeg", "png")
 DEFAULT_INDEX_CACHE = Path.home() / ".cache" / "alexnet-dali" / "idx"
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -125,6 +127,13 @@ def _check_index(tar: Path, idx: Path) -> int:
         raise ValueError(
             f"{idx}: header says {count} samples but it lists {len(lines) - 1}; delete it to have it rebuilt"
         )
+    for line in lines[1:]:
+        exts = line.split(" ")[0::4]
+        if LABEL_EXT not in exts or not any(e in exts for e in IMAGE_EXTS):
+            raise ValueError(
+                f"{tar}: sample {line.split(' ')[3]!r} lacks an image ({'/'.join(IMAGE_EXTS)}) or a "
+                f".{LABEL_EXT} label member; every sample needs both: re-pack or remove the shard"
+            )
     size = tar.stat().st_size
     last = lines[-1].split()
     end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last) - 3, 4))

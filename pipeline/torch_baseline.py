@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import torch_transforms as T
+from pipeline.shardset import IMAGE_EXTS, LABEL_EXT
 from pipeline.spec import EpochLoader, LoaderSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -79,8 +80,9 @@ class RankBatches(IterableDataset):
         if self.spec.train:
             stream = _buffer_shuffle(stream, self.spec.shuffle_buffer, rng)
         for sample in stream:
-            img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-            yield img, int(sample["cls"]), sample["__key__"]
+            data = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
+            img = Image.open(io.BytesIO(data)).convert("RGB")
+            yield img, int(sample[LABEL_EXT]), sample["__key__"]
 
 
 def batch_bounds(spec: LoaderSpec) -> list[tuple[int, int]]:

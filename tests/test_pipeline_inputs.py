@@ -133,3 +133,39 @@ def test_parse_labels():
     for bad in (b"x1", b"\0\0"):
         with pytest.raises(ValueError, match="not an ASCII decimal"):
             parse_labels(torch.tensor([list(bad)], dtype=torch.uint8))
+
+
+def _foreign(root, samples):
+    import webdataset as wds
+
+    (root / "val").mkdir(parents=True)
+    with wds.ShardWriter(str(root / "val" / "x-%03d.tar"), maxcount=100, verbose=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+
+
+def _png(level: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 24, 3), level, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_sample_without_label_is_refused_up_front(tmp_path):
+    _foreign(tmp_path, [{"__key__": "a", "png": _png(10), "cls": b"1"}, {"__key__": "b", "png": _png(20)}])
+    with pytest.raises(ValueError) as e:
+        make(tmp_path, tmp=tmp_path / "idx")
+    assert "x-000.tar" in one_line(e) and "'b.png'" in one_line(e)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_png_and_jpeg_members_are_read(tmp_path, backend):
+    _foreign(tmp_path, [{"__key__": f"k{i}", "png" if i % 2 else "jpeg": _png(40 * i), "cls": str(i).encode()}
+                        for i in range(5)])
+    loader = make(tmp_path, tmp=tmp_path / "idx", backend=backend, return_keys=True, num_threads=1)
+    got = {k: int(lbl) for _, labels, keys in loader for lbl, k in zip(labels, keys)}
+    assert got == {f"k{i}": i for i in range(5)}
