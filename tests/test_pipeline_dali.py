@@ -109,3 +109,12 @@ def test_gpu_path_matches_cpu_on_val(colour, tmp_path):
         assert gi.is_cuda and gl.is_cuda
         assert torch.equal(gl.cpu(), cl)
         assert (gi.cpu() - ci).abs().mean() < 0.05  # nvJPEG and libjpeg-turbo differ slightly
+
+
+def test_leaving_a_pass_early_leaves_nothing_behind(colour, tmp_path):
+    root, _ = colour
+    val = loader(root, "val", tmp_path, return_keys=True)
+    full = [k for _, _, ks in val for k in ks]
+    for _, _, keys in val:
+        break  # e.g. a max-steps limit
+    assert [k for _, _, ks in val for k in ks] == full, "the next pass starts at the first sample"
