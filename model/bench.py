@@ -57,9 +57,9 @@ def step_seconds(model: nn.Module, cfg: BenchConfig, batch: int, steps: int) -> 
 
 
 def run(models: list[str], crops: list[int], batch: int, steps: int, rounds: int,
-        on_round: Callable[[list[dict]], None] | None = None) -> list[dict]:
+        dtypes: tuple[str, ...] = ("fp32", "bf16"), on_round: Callable[[list[dict]], None] | None = None) -> list[dict]:
     configs = [BenchConfig(m, c, d, cl) for m, c, d, cl in
-               itertools.product(models, crops, ("fp32", "bf16"), (False, True))]
+               itertools.product(models, crops, dtypes, (False, True))]
     built: dict[tuple[str, bool], nn.Module] = {}
     for name, cl in itertools.product(models, (False, True)):
         torch.manual_seed(0)
@@ -69,6 +69,7 @@ def run(models: list[str], crops: list[int], batch: int, steps: int, rounds: int
     for r in range(rounds):
         for cfg in configs:
             rates[cfg].append(batch / step_seconds(built[cfg.model, cfg.channels_last], cfg, batch, steps))
+            print(f"  {cfg}: {rates[cfg][-1]:.1f} images/s", flush=True)
         print(f"round {r + 1}/{rounds} done", flush=True)
         if on_round is not None:
             on_round(_summarize(configs, rates))
@@ -79,9 +80,9 @@ def _summarize(configs: list[BenchConfig], rates: dict[BenchConfig, list[float]]
     results = []
     for cfg in configs:
         base = BenchConfig(cfg.model, cfg.crop, "fp32", False)
+        ratio = statistics.median(rates[cfg]) / statistics.median(rates[base]) if rates.get(base) else float("nan")
         results.append({**asdict(cfg), "images_per_s": statistics.median(rates[cfg]),
-                        "all_rounds": rates[cfg],
-                        "vs_fp32_contiguous": statistics.median(rates[cfg]) / statistics.median(rates[base])})
+                        "all_rounds": rates[cfg], "vs_fp32_contiguous": ratio})
     return results
 
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="alexnet,alexnet-bn")
     parser.add_argument("--crops", default="224,112,64")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round")
     parser.add_argument("--rounds", type=int, default=3)
@@ -119,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1))
 
-    results = run(models, crops, args.batch, args.steps, args.rounds, on_round=write)
+    dtypes = tuple(args.dtypes.split(","))
+    if not set(dtypes) <= {"fp32", "bf16"}:
+        parser.error(f"--dtypes: choose from fp32,bf16, got {args.dtypes!r}")
+    results = run(models, crops, args.batch, args.steps, args.rounds, dtypes, on_round=write)
     print(markdown(results))
     return 0
 
