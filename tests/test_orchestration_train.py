@@ -1,0 +1,129 @@
+"""Training end to end on a real local Ray, real DALI (CPU) and the demo_shards fixture
+(10 classes, 240 train / 50 val samples, stored shorter side 64).
+
+One embedded Ray serves every case in this module (its start-up is the cost); runs are a
+couple of epochs of a few steps at crop 64.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from orchestration import train
+from orchestration.checkpoint import KEYS, list_checkpoints, load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+VAL_SIZE = 50
+SUMMARY_KEYS = {"top1", "top5", "images_per_s", "data_wait", "wall_s", "world_size", "epochs", "restarts"}
+COLUMNS = ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    # 4 logical CPUs on this 2-core machine, so that 3 workers (1 CPU each) fit.
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=None, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny_config(tmp_path: Path, shards: Path, **values) -> Path:
+    cfg = {"name": "tiny", "storage_path": str(tmp_path / "runs"), "shards_dir": str(shards),
+           "model": "alexnet-bn", "epochs": 2, "batch_size": 32, "workers": 2, "use_gpu": False,
+           "crop_size": 64, "lr": 0.02, "warmup_epochs": 0.0, "log_every": 2, "max_failures": 0, **values}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def epoch_rows(run_dir: Path) -> list[dict]:
+    return [r for r in pq.read_table(run_dir / "metrics.parquet").to_pylist() if r["top1"] is not None]
+
+
+def assert_exact_fraction(value: float) -> None:
+    """Accuracy over exactly VAL_SIZE samples is a multiple of 1/VAL_SIZE."""
+    assert abs(value * VAL_SIZE - round(value * VAL_SIZE)) < 1e-9, value
+
+
+@pytest.fixture(scope="module")
+def failed_once_run(local_ray, demo_shards, tmp_path_factory):
+    """A 2-worker, 2-epoch run in which rank 0 raises once after epoch 1's checkpoint:
+    FailureConfig restarts the worker group, which resumes from that checkpoint."""
+    tmp_path = tmp_path_factory.mktemp("failed-once")
+    config = tiny_config(tmp_path, demo_shards, fail_at_epoch=1, max_failures=1)
+    assert train.main(["--config", str(config)]) == 0
+    return config, tmp_path / "runs" / "tiny"
+
+
+def test_two_workers_every_output_and_resume_after_worker_failure(failed_once_run, capsys):
+    config, run_dir = failed_once_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS
+    assert 0 <= summary["top1"] <= summary["top5"] <= 1
+    assert_exact_fraction(summary["top1"])
+    assert_exact_fraction(summary["top5"])
+    assert summary["images_per_s"] > 0 and 0 <= summary["data_wait"] <= 1 and summary["wall_s"] > 0
+    assert (summary["world_size"], summary["epochs"], summary["restarts"]) == (2, 2, 1)
+
+    table = pq.read_table(run_dir / "metrics.parquet")
+    assert table.column_names == COLUMNS
+    rows = table.to_pylist()
+    assert [r["epoch"] for r in epoch_rows(run_dir)] == [1, 2]  # one row per epoch despite the restart
+    steps = [r for r in rows if r["top1"] is None]
+    assert {r["epoch"] for r in steps} == {1, 2} and all(r["top5"] is None for r in steps)
+    assert all(r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["lr"] >= 0 for r in steps)
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpts = list_checkpoints(run_dir)
+    assert [p.name for p in ckpts] == ["epoch-0001.pt", "epoch-0002.pt"]
+    state = load_checkpoint(ckpts[-1])
+    assert set(state) == set(KEYS) and state["epoch"] == 2 and state["config"]["name"] == "tiny"
+    assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
+
+    # the same command again: says the run is finished, trains nothing, exits 0
+    capsys.readouterr()
+    assert train.main(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "already finished" in out and "top-1" in out and str(run_dir) in out
+    assert len(epoch_rows(run_dir)) == 2
+
+
+def test_rerun_resumes_a_run_killed_in_its_last_epoch(failed_once_run, tmp_path):
+    """The run directory as a kill during epoch 2 leaves it (epoch 1 checkpoint, no summary;
+    here even epoch 2's rows were written), then the same command again."""
+    config, finished = failed_once_run
+    cfg = yaml.safe_load(config.read_text())
+    run_dir = tmp_path / "runs" / "tiny"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "summary.json").unlink()
+    (run_dir / "checkpoints" / "epoch-0002.pt").unlink()
+    epoch1_rows = [r for r in pq.read_table(run_dir / "metrics.parquet").to_pylist() if r["epoch"] == 1]
+    config = tiny_config(tmp_path, Path(cfg["shards_dir"]), workers=1)
+
+    assert train.main(["--config", str(config)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["restarts"], summary["epochs"], summary["world_size"]) == (2, 2, 1)  # 2 starts before
+    rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
+    assert rows[: len(epoch1_rows)] == epoch1_rows  # epoch 1 is not trained (or logged) twice
+    assert [r["epoch"] for r in epoch_rows(run_dir)] == [1, 2]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0001.pt", "epoch-0002.pt"]
+
+
+def test_exact_val_denominator_with_three_workers_and_ten_crop(local_ray, demo_shards, tmp_path):
+    # 50 val samples over 3 ranks: parts of 16/17/17, batches of 12 -> uneven batch counts
+    # and short last batches; evaluate asserts count == 50 inside every worker
+    config = tiny_config(tmp_path, demo_shards, workers=3, epochs=1, batch_size=12, eval_crop="ten_crop")
+    assert train.main(["--config", str(config)]) == 0
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["world_size"] == 3
+    assert_exact_fraction(summary["top1"])
+    assert_exact_fraction(summary["top5"])
