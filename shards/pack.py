@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from multiprocessing.pool import Pool
 from typing import Iterator
 
 import numpy as np
@@ -145,12 +146,10 @@ def _records(out: Path, split: str) -> list[dict]:
         records.append(json.loads(path.read_text()))
 
 
-def _encode_stream(jobs: list[tuple], workers: int) -> Iterator[tuple[int, Encoded | str]]:
-    if workers == 1 or len(jobs) < 2:
-        yield from map(encode_job, jobs)
-        return
-    with mp.get_context("spawn").Pool(workers, initializer=_die_with_parent) as pool:
-        yield from pool.imap(encode_job, jobs, chunksize=8)
+def _encode_stream(jobs: list[tuple], pool: Pool | None) -> Iterator[tuple[int, Encoded | str]]:
+    if pool is None or len(jobs) < 2:
+        return map(encode_job, jobs)
+    return pool.imap(encode_job, jobs, chunksize=8)
 
 
 def _die_with_parent() -> None:
@@ -165,7 +164,7 @@ def _die_with_parent() -> None:
 
 
 def _pack_split(tree: SourceTree, out: Path, split: str, plan: list[Item], shorter_side: int, quality: int,
-                workers: int, limit: int, bar: tqdm, rates: dict) -> list[dict]:
+                pool: Pool | None, limit: int, bar: tqdm, rates: dict) -> list[dict]:
     """Encode and write the plan of one split from where the published shards end."""
     split_dir = out / split
     split_dir.mkdir(exist_ok=True)
@@ -177,7 +176,7 @@ def _pack_split(tree: SourceTree, out: Path, split: str, plan: list[Item], short
     jobs = [(str(tree.root / it.source), it.key, shorter_side, quality, split == "train") for it in plan[start:]]
     writer: ShardWriter | None = None
     rec = None
-    for pos, (in_bytes, res) in enumerate(_encode_stream(jobs, workers), start):
+    for pos, (in_bytes, res) in enumerate(_encode_stream(jobs, pool), start):
         item = plan[pos]
         if rec is None:
             rec = {"start": pos, "rows": [], "rejects": [], "moments": PixelMoments()}
@@ -265,11 +264,13 @@ def build(source: Path, out: Path, splits: tuple[str, ...] = ("train", "val"), s
     records: dict[str, list[dict]] = {}
     todo = sum(len(plans[s]) - (r[-1]["end"] if (r := _records(out, s)) else 0) for s in splits)
     rates = {"in": 0, "out": 0}
+    # one pool for all splits; workers die with the packer (no orphans after a SIGKILL)
+    pool = mp.get_context("spawn").Pool(workers, initializer=_die_with_parent) if workers > 1 and todo > 1 else None
     try:
         with tqdm(total=todo, unit="img", desc=f"packing {out}", disable=not progress or todo == 0,
                   mininterval=0.5, dynamic_ncols=True) as bar:
             for split in splits:
-                records[split] = _pack_split(tree, out, split, plans[split], shorter_side, quality, workers,
+                records[split] = _pack_split(tree, out, split, plans[split], shorter_side, quality, pool,
                                              limit, bar, rates)
         counts = _write_outputs(out, tree, splits, records, pre_rejects)
     except OSError as e:
@@ -277,6 +278,10 @@ def build(source: Path, out: Path, splits: tuple[str, ...] = ("train", "val"), s
             raise OSError(errno.ENOSPC, f"{out}: disk full; free space and re-run the same command "
                                         "(it resumes from the last complete shard)") from None
         raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     state["complete"] = True
     atomic_write_bytes(state_path, json.dumps(state, indent=1).encode())
     return PackSummary(*counts, wall_s=time.perf_counter() - t0)
