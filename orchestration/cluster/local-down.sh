@@ -10,17 +10,15 @@ if [[ ! -f $PIDFILE ]]; then
     exit 0
 fi
 pid=$(cat "$PIDFILE")
-if kill -0 "$pid" 2>/dev/null; then
-    # `ray start --block` stops its GCS, raylet and dashboard on SIGTERM; the group signal
-    # reaches any of them that would otherwise linger.
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
-    for _ in $(seq 1 30); do
+if cat "/proc/$pid/cmdline" 2>/dev/null | tr "\0" " " | grep -q "ray start --head"; then  # ours, not a reused pid
+    # `ray start --block` stops its GCS, raylet, dashboard and workers on SIGTERM (a few seconds)
+    kill -TERM "$pid"
+    for _ in $(seq 1 60); do
         kill -0 "$pid" 2>/dev/null || break
-        sleep 1
+        sleep 0.5
     done
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-    fi
+    # whatever of its process group is still there (it did not stop in 30 s, or stragglers)
+    kill -KILL -- "-$pid" 2>/dev/null || true
     echo "Ray head (pid $pid) stopped"
 else
     echo "Ray head (pid $pid) was not running"

@@ -14,7 +14,7 @@ STATE=${RAY_LOCAL_STATE:-$ROOT/runs/cluster}
 PIDFILE=$STATE/head.pid
 mkdir -p "$STATE"
 
-if [[ -f $PIDFILE ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+if [[ -f $PIDFILE ]] && cat "/proc/$(cat "$PIDFILE")/cmdline" 2>/dev/null | tr "\0" " " | grep -q "ray start --head"; then
     echo "a local Ray head is already running (pid $(cat "$PIDFILE")); make cluster-down stops it"
     exit 0
 fi
