@@ -69,7 +69,7 @@ def _pattern(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
             (np.abs(fv - 0.5) < 0.1) & (np.abs(fu - 0.5) < 0.35)
         )
     elif kind == "diamonds":
-        m = (np.abs(fu - 0.5) + np.abs(fv - 0.5)) < 0.3
+        m = (np.abs(fu - 0.5) + np.abs(fv - 0.5)) < 0.5  # a checkerboard turned 45 degrees
     elif kind == "blobs":
         small = rng.standard_normal((max(2, int(h / period * 1.5)), max(2, int(w / period * 1.5))))
         big = np.asarray(Image.fromarray(small.astype(np.float32)).resize((w, h), Image.BICUBIC))
