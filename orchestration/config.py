@@ -96,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"name: {self.name!r} must be a plain directory name (no '/')")
         if not 0 < self.plateau_factor < 1 or not 0 < self.step_factor < 1:
             raise ValueError("plateau_factor and step_factor: must be in (0, 1)")
+        if self.schedule == "plateau" and self.warmup_epochs:
+            raise ValueError("warmup_epochs: not used with schedule 'plateau' (the paper's rule); set it to 0")
         if self.label_smoothing >= 1:
             raise ValueError(f"label_smoothing: must be < 1, got {self.label_smoothing}")
 

@@ -66,7 +66,8 @@ def test_two_node_local_cluster(demo_shards, tmp_path):
 def token_head(tmp_path):
     """A head from local-up.sh, with its own HOME (token file), ports and state folder."""
     env = {**os.environ, "HOME": str(tmp_path / "home"), "RAY_DASHBOARD_PORT": str(free_port()),
-           "RAY_HEAD_PORT": str(free_port()), "RAY_LOCAL_STATE": str(tmp_path / "cluster")}
+           "RAY_HEAD_PORT": str(free_port()), "RAY_LOCAL_STATE": str(tmp_path / "cluster"),
+           "RAY_STOP_GRACE_S": "5"}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_MODE", None)
     up = subprocess.run(["bash", "orchestration/cluster/local-up.sh", f"--ray-client-server-port={free_port()}",
