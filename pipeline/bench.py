@@ -53,8 +53,8 @@ class Settings:
     profile: bool = True
     e2e_model: str = "alexnet-bn"
     e2e_crop: int = 128
-    e2e_steps: int = 12
-    e2e_warmup: int = 3
+    e2e_steps: int = 8
+    e2e_warmup: int = 2
 
 
 # --quick: the same measurements, fewer and shorter (torch at 0 and all-cores workers, DALI at all cores)
@@ -107,20 +107,21 @@ def versions() -> dict:
     return out
 
 
-def loader_configs(settings: Settings, cores: int, gpu: bool) -> list[tuple[str, dict]]:
-    """(name, make_loader keyword arguments) for every loader the bench times."""
-    workers = settings.torch_workers or tuple(range(cores + 1))
-    threads = settings.dali_threads or tuple(sorted({1, cores}))
+def loader_configs(settings: Settings, cores: int, gpu: bool, reduced: bool = False) -> list[tuple[str, dict]]:
+    """(name, make_loader keyword arguments) for every loader the bench times; `reduced`
+    (the second shard set) keeps torch and DALI at all cores only."""
+    workers = (cores,) if reduced else settings.torch_workers or tuple(range(cores + 1))
+    threads = (cores,) if reduced else settings.dali_threads or tuple(sorted({1, cores}))
     out = [(f"torch {count(w, 'worker')}", dict(backend="torch", device="cpu", num_threads=w)) for w in workers]
     out += [(f"dali cpu {crop} {count(t, 'thread')}", dict(backend="dali", device="cpu", crop=crop, num_threads=t))
             for crop in ("rrc", "paper") for t in threads]
     if gpu:
-        out += [(f"dali gpu {crop} {count(cores, 'thread')}", dict(backend="dali", device="cuda", crop=crop, num_threads=cores))
-                for crop in ("rrc", "paper")]
+        out += [(f"dali gpu {crop} {count(cores, 'thread')}",
+                 dict(backend="dali", device="cuda", crop=crop, num_threads=cores)) for crop in ("rrc", "paper")]
     return out
 
 
-def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, progress) -> list[Source]:
+def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, reduced: bool) -> list[Source]:
     """Every source of one shard set: decoders alone, loaders, and the profile's cut graphs."""
     from pipeline import make_loader
 
@@ -133,7 +134,7 @@ def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, p
         sources.append(dali_decode_source("decode dali mixed", blobs, "mixed", cores, b))
     for s in sources:
         s.meta["kind"] = "decode"
-    for name, kwargs in loader_configs(settings, cores, gpu):
+    for name, kwargs in loader_configs(settings, cores, gpu, reduced):
         loader = make_loader(str(shards_dir), split="train", batch_size=b, rank=0, world_size=1,
                              crop_size=settings.crop_size, seed=0, **kwargs)
         # DataLoader workers each build whole batches and start together: their first burst is warm-up
@@ -142,36 +143,43 @@ def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, p
     if settings.profile:
         for stage in PROFILE_STAGES:
             build = partial(build_stage, stage, shards_dir, b, cores, settings.crop_size)
-            sources.append(pipeline_source(stage, build, b,
-                                           {"kind": "profile", "stage": stage}))
+            sources.append(pipeline_source(stage, build, b, {"kind": "profile"}))
     return sources
 
 
-def bench_shards(label: str, shards_dir: Path, settings: Settings, cores: int, gpu: bool, progress) -> dict:
+def bench_shards(label: str, shards_dir: Path, settings: Settings, cores: int, gpu: bool, reduced: bool,
+                 progress) -> dict:
     """Decode bound, loaders and profile of one shard set, all in the same interleaved rounds."""
     progress(f"[{label}] PIL decode alone in 1 and {cores} processes")
-    measured = {f"decode pil {count(procs, 'process')}": pil_rate(shards_dir, settings.decode_images, procs, settings.repeats)
+    measured = {f"decode pil {count(procs, 'process')}":
+                {"images_per_s": pil_rate(shards_dir, settings.decode_images, procs, settings.repeats)}
                 for procs in sorted({1, cores})}
     progress(f"[{label}] building sources on {shards_dir}")
-    sources = build_sources(shards_dir, settings, cores, gpu, progress)
+    sources = build_sources(shards_dir, settings, cores, gpu, reduced)
     progress(f"[{label}] timing {len(sources)} sources: {settings.repeats} rounds x "
              f"({settings.warmup} warm-up + {settings.window} timed batches of {settings.batch_size})")
     timed = measure_interleaved(sources, settings.warmup, settings.window, settings.repeats,
                                 settings.settle_s, progress)
-    meta = {s.name: s.meta for s in sources}
+    kinds = {s.name: s.meta for s in sources}
     del sources
-    figs = {name: t["images_per_s"] for name, t in timed.items()}
-    measured.update({name: figs[name] for name in figs if meta[name]["kind"] == "decode"})
-    # per core: what one process or one DALI thread decodes, timed in the interleaved rounds
+    measured.update({n: {k: t[k] for k in ("images_per_s", "cpu_ms_per_image")}
+                     for n, t in timed.items() if kinds[n]["kind"] == "decode"})
+    # per core: what one PIL thread or one DALI thread decodes, timed in the interleaved rounds
     per_core = {n: measured[n] for n in ("decode pil 1 thread", "decode dali cpu 1 thread")}
-    best_name = max(per_core, key=lambda n: per_core[n]["median"])
-    loaders = {n: {"kwargs": meta[n]["kwargs"], "images_per_s": figs[n], "first_batch_s": timed[n]["first_batch_s"]}
-               for n in figs if meta[n]["kind"] == "loader"}
+    best_name = max(per_core, key=lambda n: per_core[n]["images_per_s"]["median"])
+    cheapest = min(per_core, key=lambda n: per_core[n]["cpu_ms_per_image"]["median"])
     return {
-        "decode_bound": {"measured": measured, "bound": round(per_core[best_name]["median"] * cores, 1),
-                         "bound_from": f"{best_name} x {cores} cores", "bound_per_core": per_core[best_name]},
-        "loaders": loaders,
-        "profile": {n: figs[n] for n in figs if meta[n]["kind"] == "profile"},
+        "decode_bound": {
+            "measured": measured,
+            "bound": round(per_core[best_name]["images_per_s"]["median"] * cores, 1),
+            "bound_from": f"{best_name} x {cores} cores",
+            "bound_per_core": per_core[best_name]["images_per_s"],
+            "cpu_ms_per_image": per_core[cheapest]["cpu_ms_per_image"],
+            "cpu_ms_from": cheapest,
+        },
+        "loaders": {n: {"kwargs": kinds[n]["kwargs"], **t} for n, t in timed.items() if kinds[n]["kind"] == "loader"},
+        "profile": {n: {k: t[k] for k in ("images_per_s", "cpu_ms_per_image")}
+                    for n, t in timed.items() if kinds[n]["kind"] == "profile"},
     }
 
 
@@ -209,17 +217,30 @@ def end_to_end(shards_dir: Path, chosen: list[tuple[str, dict]], settings: Setti
 
 
 def compute_ratios(results: dict, primary: str) -> dict:
-    """The issue's ratios on the primary shard set, and the same per shard set."""
+    """The issue's ratios (images/s, wall clock) on the primary shard set, the same per shard
+    set, and their CPU-time twins (CPU ms per image: hardly moved by other jobs on the machine)."""
     per = {}
     for corpus, bests in results["best"].items():
-        bound = {"median": results["decode_bound"][corpus]["bound"]}
+        bound = results["decode_bound"][corpus]
+        torch_, dali_cpu = bests.get("torch"), bests.get("dali_cpu")
         per[corpus] = {
-            "dali_cpu_over_torch": ratio(bests.get("dali_cpu"), bests.get("torch")),
-            "dali_cpu_over_decode_bound": ratio(bests.get("dali_cpu"), bound),
-            "torch_over_decode_bound": ratio(bests.get("torch"), bound),
-            "dali_gpu_over_torch": ratio(bests.get("dali_gpu"), bests.get("torch")),
+            "dali_cpu_over_torch": ratio(dali_cpu, torch_),
+            "dali_cpu_over_decode_bound": ratio(dali_cpu, {"median": bound["bound"]}),
+            "torch_over_decode_bound": ratio(torch_, {"median": bound["bound"]}),
+            "dali_gpu_over_torch": ratio(bests.get("dali_gpu"), torch_),
+            # efficiency: CPU per image of the cheaper one over the dearer one's
+            "dali_cpu_over_torch_cpu_time": _cpu_ratio(torch_, dali_cpu),
+            "dali_cpu_over_decode_bound_cpu_time": _cpu_ratio({"cpu_ms_per_image": bound["cpu_ms_per_image"]["median"]},
+                                                              dali_cpu),
         }
     return {**per[primary], "primary_corpus": primary, "by_corpus": per, "targets": TARGETS}
+
+
+def _cpu_ratio(reference: dict | None, candidate: dict | None) -> float | None:
+    """reference CPU ms per image over the candidate's: > 1 when the candidate costs less."""
+    if not reference or not candidate or not candidate.get("cpu_ms_per_image"):
+        return None
+    return round(reference["cpu_ms_per_image"] / candidate["cpu_ms_per_image"], 3)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -255,7 +276,7 @@ def run(args: argparse.Namespace) -> dict:
         "corpora": {}, "decode_bound": {}, "loaders": {}, "profile": {}, "best": {}, "end_to_end": {},
     }
     for label, (path, text, stats) in corpora.items():
-        block = bench_shards(label, path, settings, cores, gpu, progress)
+        block = bench_shards(label, path, settings, cores, gpu, reduced=label == "full", progress=progress)
         results["corpora"][label] = {"shards_dir": str(path), "label": text,
                                      "description": (stats or {}).get(label)}
         results["decode_bound"][label] = block["decode_bound"]
@@ -265,7 +286,8 @@ def run(args: argparse.Namespace) -> dict:
         for key, prefix in (("torch", "torch "), ("dali_cpu", "dali cpu "), ("dali_gpu", "dali gpu ")):
             found = best(block["loaders"], prefix)
             if found:
-                results["best"][label][key] = {"name": found[0], **found[1]["images_per_s"]}
+                results["best"][label][key] = {"name": found[0], **found[1]["images_per_s"],
+                                               "cpu_ms_per_image": found[1]["cpu_ms_per_image"]["median"]}
     primary = "user" if args.shards else "256"
     if stats := next(iter(corpora.values()))[2]:
         results["corpora"]["source_tree"] = {"label": "generated tree before packing", "description": stats["source"],

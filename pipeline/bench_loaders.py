@@ -10,9 +10,11 @@ between sources come from the same rounds, so a noisy neighbour slows all of the
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.bench_stats import figure
@@ -56,14 +58,41 @@ def pipeline_source(name: str, build: Callable[[], Any], batch_size: int, meta: 
     return Source(name, run, 0, dict(meta or {}))
 
 
-def time_window(batches: Iterator[tuple[int, bool]], warmup: int, window: int) -> tuple[float, float]:
-    """(images/s over `window` timed batches after `warmup` untimed ones, seconds to the first batch)."""
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process (all threads) and its live descendants (the
+    DataLoader workers), from /proc where there is one. Unlike wall time, this hardly moves
+    when other jobs share the machine, so it gives each source's cost per image robustly."""
+    total = time.process_time()
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():
+        return total
+    parents, ticks = {}, {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
+    me, children = os.getpid(), set()
+    frontier = {me}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - children
+        children |= frontier
+    return total + sum(ticks[pid] for pid in children) / os.sysconf("SC_CLK_TCK")
+
+
+def time_window(batches: Iterator[tuple[int, bool]], warmup: int, window: int) -> tuple[float, float, float]:
+    """(images/s over `window` timed batches after `warmup` untimed ones, seconds to the first
+    batch, CPU milliseconds per image over the timed batches)."""
     start = time.perf_counter()
     next(batches)
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
         next(batches)
     images, seconds, done = 0, 0.0, 0
+    cpu_start = cpu_seconds()
     while done < window:
         start = time.perf_counter()
         n, timed = next(batches)
@@ -72,26 +101,26 @@ def time_window(batches: Iterator[tuple[int, bool]], warmup: int, window: int) -
             images += n
             seconds += elapsed
             done += 1
-    return images / seconds, first
+    return images / seconds, first, (cpu_seconds() - cpu_start) * 1000 / images
 
 
 def measure_interleaved(sources: Iterable[Source], warmup: int, window: int, repeats: int,
                         settle_s: float = 0.1, progress: Callable[[str], None] = print) -> dict[str, dict]:
-    """{source name: {"images_per_s": figure, "first_batch_s": figure}} over `repeats` rounds,
-    each opening, timing and closing every source in turn."""
+    """{source name: {"images_per_s", "first_batch_s", "cpu_ms_per_image": figure}} over
+    `repeats` rounds, each opening, timing and closing every source in turn."""
     sources = list(sources)
-    rates: dict[str, list[float]] = {s.name: [] for s in sources}
-    firsts: dict[str, list[float]] = {s.name: [] for s in sources}
+    runs: dict[str, dict[str, list[float]]] = {
+        s.name: {"images_per_s": [], "first_batch_s": [], "cpu_ms_per_image": []} for s in sources}
     for r in range(repeats):
         for s in sources:
             time.sleep(settle_s)  # let the last source's processes and threads wind down
             batches = s.open()
             try:
-                rate, first = time_window(batches, max(1, warmup + s.warmup), window)
+                rate, first, cpu_ms = time_window(batches, max(1, warmup + s.warmup), window)
             finally:
                 batches.close()
-            rates[s.name].append(rate)
-            firsts[s.name].append(first)
-            progress(f"  round {r + 1}/{repeats}  {s.name:<44} {rate:8.1f} images/s")
-    return {name: {"images_per_s": figure(rates[name]), "first_batch_s": figure(firsts[name], unit="s")}
-            for name in rates}
+            for key, value in (("images_per_s", rate), ("first_batch_s", first), ("cpu_ms_per_image", cpu_ms)):
+                runs[s.name][key].append(value)
+            progress(f"  round {r + 1}/{repeats}  {s.name:<40} {rate:8.1f} images/s {cpu_ms:6.2f} CPU ms/image")
+    units = {"images_per_s": "images/s", "first_batch_s": "s", "cpu_ms_per_image": "ms"}
+    return {name: {key: figure(values, unit=units[key]) for key, values in r.items()} for name, r in runs.items()}

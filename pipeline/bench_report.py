@@ -20,35 +20,37 @@ def write_json(results: dict, out_dir: Path) -> tuple[Path, Path]:
 
 
 def rows(results: dict) -> list[tuple[str, str, dict]]:
-    """(corpus, label, figure) for every images/s figure, in the order the table shows them."""
+    """(corpus, label, entry) for every timed source, in the order the table shows them; an
+    entry holds "images_per_s" and, for sources timed in rounds, "cpu_ms_per_image"."""
     out = []
     for corpus, block in results["decode_bound"].items():
-        for name, fig in block["measured"].items():
-            out.append((corpus, name, fig))
-        for name, entry in results["loaders"].get(corpus, {}).items():
-            out.append((corpus, f"loader: {name}", entry["images_per_s"]))
-        for name, fig in results["profile"].get(corpus, {}).items():
-            out.append((corpus, f"profile: {name}", fig))
+        out += [(corpus, name, entry) for name, entry in block["measured"].items()]
+        out += [(corpus, f"loader: {name}", e) for name, e in results["loaders"].get(corpus, {}).items()]
+        out += [(corpus, f"profile: {name}", e) for name, e in results["profile"].get(corpus, {}).items()]
     return out
 
 
 def table(results: dict) -> str:
-    """The short console table: every figure, median and spread, against the best torch."""
-    lines = [f"{'corpus':<7} {'what':<58} {'images/s':>9} {'spread':>7} {'x torch':>8}"]
-    for corpus, label, fig in rows(results):
+    """The short console table: every figure (median, spread of rounds), CPU per image, and
+    images/s against the best torch baseline of the same shard set."""
+    lines = [f"{'corpus':<7} {'what':<46} {'images/s':>9} {'spread':>7} {'CPU ms/img':>10} {'x torch':>8}"]
+    for corpus, label, entry in rows(results):
+        fig = entry["images_per_s"]
         best_torch = results["best"].get(corpus, {}).get("torch")
-        rel = f"{fig['median'] / best_torch['median']:.2f}" if best_torch and fig["unit"] == "images/s" else ""
-        lines.append(f"{corpus:<7} {label:<58} {fig['median']:>9.1f} {fig['spread']:>6.0%} {rel:>8}")
+        rel = f"{fig['median'] / best_torch['median']:.2f}" if best_torch else ""
+        cpu = f"{entry['cpu_ms_per_image']['median']:.2f}" if "cpu_ms_per_image" in entry else ""
+        lines.append(f"{corpus:<7} {label:<46} {fig['median']:>9.1f} {fig['spread']:>6.0%} {cpu:>10} {rel:>8}")
+    cores = results["machine"]["cores"]
     for corpus, block in results["decode_bound"].items():
-        lines.append(f"{corpus:<7} {'decode bound (best per core x ' + str(results['machine']['cores']) + ' cores)':<58} "
-                     f"{block['bound']:>9.1f}")
+        lines.append(f"{corpus:<7} {f'decode bound (best 1-thread decoder x {cores})':<46} {block['bound']:>9.1f} "
+                     f"{'':>7} {block['cpu_ms_per_image']['median']:>10.2f}")
     for name, entry in results["end_to_end"].items():
         share = entry["data_wait_share"]
-        lines.append(f"{'e2e':<7} {name + ': data-wait share of a step':<58} {share['overall']:>9.1%} "
-                     f"{share['spread']:>6.0%}   ({entry['images_per_s']:.1f} images/s training)")
+        lines.append(f"{'e2e':<7} {name + ': data-wait share':<46} {share['overall']:>9.1%} {share['spread']:>6.0%}"
+                     f"   ({entry['images_per_s']:.1f} images/s training, step {entry['step_s']['median']:.2f} s)")
     for key, value in results["ratios"].items():
         if not isinstance(value, dict):
-            lines.append(f"ratio   {key:<58} {value if value is not None else 'n/a':>9}")
+            lines.append(f"ratio   {key:<46} {value if value is not None else 'n/a':>9}")
     return "\n".join(lines)
 
 
@@ -67,7 +69,8 @@ def plot(results: dict, path: Path) -> Path:
     fig, axes = plt.subplots(panels, 1, figsize=(10, sum(heights)), gridspec_kw={"height_ratios": heights},
                              squeeze=False)
     colours = {"decode": "#888888", "loader": "#1f77b4", "profile": "#9ecae1"}
-    for ax, corpus, panel in zip(axes[:, 0], corpora, per_panel):
+    for ax, corpus, entries in zip(axes[:, 0], corpora, per_panel):
+        panel = [(c, label, e["images_per_s"]) for c, label, e in entries]
         labels = [label for _, label, _ in panel]
         med = [f["median"] for _, _, f in panel]
         err = [[f["median"] - f["min"] for _, _, f in panel], [f["max"] - f["median"] for _, _, f in panel]]

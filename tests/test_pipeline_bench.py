@@ -56,11 +56,14 @@ def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path:
 
     assert list(res["corpora"]) == ["user"] and res["corpora"]["user"]["shards_dir"] == str(demo_shards)
     bound = res["decode_bound"]["user"]
-    for name in ("decode pil 1 thread", "decode dali cpu 1 thread", "decode pil 1 process",
-                 f"decode pil {cores} processes", f"decode dali cpu {cores} threads"):
-        check_figure(bound["measured"][name], repeats)
+    for name in ("decode pil 1 process", f"decode pil {cores} processes"):  # forked, outside the rounds
+        check_figure(bound["measured"][name]["images_per_s"], repeats)
+    for name in ("decode pil 1 thread", "decode dali cpu 1 thread", f"decode dali cpu {cores} threads"):
+        check_figure(bound["measured"][name]["images_per_s"], repeats)
+        check_figure(bound["measured"][name]["cpu_ms_per_image"], repeats, unit="ms")
     assert bound["bound"] == pytest.approx(bound["bound_per_core"]["median"] * cores, rel=1e-3)
     assert bound["bound_from"].endswith(f"x {cores} cores")
+    check_figure(bound["cpu_ms_per_image"], repeats, unit="ms")
 
     loaders = res["loaders"]["user"]
     # quick: torch at 0 and all-cores workers, DALI at all cores (the default run adds the rest)
@@ -70,11 +73,13 @@ def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path:
     for name, entry in loaders.items():
         check_figure(entry["images_per_s"], repeats)
         check_figure(entry["first_batch_s"], repeats, unit="s")
+        check_figure(entry["cpu_ms_per_image"], repeats, unit="ms")
         assert entry["kwargs"]["backend"] in ("torch", "dali")
     profile = res["profile"]["user"]
     assert list(profile) == list(PROFILE_STAGES) and res["settings"]["profile_threads"] == cores
-    for fig in profile.values():
-        check_figure(fig, repeats)
+    for entry in profile.values():
+        check_figure(entry["images_per_s"], repeats)
+        check_figure(entry["cpu_ms_per_image"], repeats, unit="ms")
 
     best = res["best"]["user"]
     assert best["torch"]["name"].startswith("torch") and best["dali_cpu"]["name"].startswith("dali cpu")
@@ -87,7 +92,8 @@ def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path:
         assert entry["images_per_s"] > 0
 
     ratios = res["ratios"]
-    for key in ("dali_cpu_over_torch", "dali_cpu_over_decode_bound", "torch_over_decode_bound"):
+    for key in ("dali_cpu_over_torch", "dali_cpu_over_decode_bound", "torch_over_decode_bound",
+                "dali_cpu_over_torch_cpu_time", "dali_cpu_over_decode_bound_cpu_time"):
         assert isinstance(ratios[key], float) and ratios[key] > 0
     assert ratios["dali_cpu_over_torch"] == pytest.approx(best["dali_cpu"]["median"] / best["torch"]["median"], rel=1e-2)
     assert ratios["dali_cpu_over_decode_bound"] == pytest.approx(best["dali_cpu"]["median"] / bound["bound"], rel=1e-2)
