@@ -30,7 +30,7 @@ from pipeline.bench_corpus import CorpusSpec, ensure_corpus
 from pipeline.bench_decode import dali_decode_source, load_jpegs, pil_rate, pil_source
 from pipeline.bench_loaders import Source, loader_source, measure_interleaved, pipeline_source
 from pipeline.bench_profile import PROFILE_STAGES, build_stage
-from pipeline.bench_report import plot, table, write_json
+from pipeline.bench_report import markdown, plot, table, write_json
 from pipeline.bench_stats import ratio
 
 SCHEMA = 1
@@ -302,8 +302,9 @@ def run(args: argparse.Namespace) -> dict:
     png = plot(results, out_dir / "bench.png")
     results["png"] = str(png)
     latest, stamped = write_json(results, out_dir)
+    (out_dir / "latest.md").write_text(markdown(results))
     print(table(results))
-    print(f"\nwrote {latest}, {stamped} and {png}")
+    print(f"\nwrote {latest}, {stamped}, {png} and {out_dir / 'latest.md'}")
     return results
 
 

@@ -54,6 +54,37 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict) -> str:
+    """The same figures as a Markdown table (written beside the JSON as `latest.md`, for docs)."""
+    cores = results["machine"]["cores"]
+    out = [f"`{results['command']}`, {results['created']}: {cores} cores ({results['machine']['cpu_model']}), "
+           f"GPU: {results['machine']['gpu'] or 'none'}; batch {results['settings']['batch_size']}, crop "
+           f"{results['settings']['crop_size']}, median of {results['settings']['repeats']} interleaved rounds "
+           f"(min-max in brackets).", "",
+           "| shard set | what | images/s | CPU ms per image | x best torch (images/s) |", "|---|---|---:|---:|---:|"]
+    for corpus, label, entry in rows(results):
+        fig = entry["images_per_s"]
+        best_torch = results["best"].get(corpus, {}).get("torch")
+        rel = f"{fig['median'] / best_torch['median']:.2f}" if best_torch else ""
+        cpu = entry.get("cpu_ms_per_image")
+        cpu_text = f"{cpu['median']:.2f} ({cpu['min']:.2f}-{cpu['max']:.2f})" if cpu else ""
+        out.append(f"| {corpus} | {label} | {fig['median']:.0f} ({fig['min']:.0f}-{fig['max']:.0f}) | {cpu_text} | {rel} |")
+    for corpus, block in results["decode_bound"].items():
+        out.append(f"| {corpus} | **decode bound** ({block['bound_from']}) | {block['bound']:.0f} | "
+                   f"{block['cpu_ms_per_image']['median']:.2f} | |")
+    out += ["", "| end to end | data-wait share of a step | step s | training images/s |", "|---|---:|---:|---:|"]
+    for name, entry in results["end_to_end"].items():
+        share = entry["data_wait_share"]
+        out.append(f"| {name} | {share['overall']:.1%} ({share['min']:.1%}-{share['max']:.1%}) | "
+                   f"{entry['step_s']['median']:.2f} | {entry['images_per_s']:.1f} |")
+    out += ["", "| ratio | value | target |", "|---|---:|---:|"]
+    for key, value in results["ratios"].items():
+        if not isinstance(value, (dict, str)):
+            target = results["ratios"]["targets"].get(key.replace("_cpu_time", ""), "")
+            out.append(f"| `{key}` | {value if value is not None else 'n/a'} | {target} |")
+    return "\n".join(out) + "\n"
+
+
 def plot(results: dict, path: Path) -> Path:
     """A horizontal bar chart of every images/s figure (median, min-max whiskers), one panel
     per corpus, and the end-to-end data-wait shares."""

@@ -104,6 +104,7 @@ def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path:
     with Image.open(png) as im:
         assert im.width > 500 and im.height > 300
     assert "dali_cpu_over_torch" in proc.stdout and "images/s" in proc.stdout
+    assert "| `dali_cpu_over_decode_bound` |" in (out / "latest.md").read_text()
     assert "round 1/" in proc.stderr  # progress is shown while it runs
 
 
