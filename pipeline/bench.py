@@ -9,7 +9,8 @@ All figures of one shard set are measured in the same rounds, interleaved (see
 DALI `mixed` on a GPU), the torch baseline at 0..cores DataLoader workers, DALI CPU per crop
 policy and thread count (DALI GPU when there is one), and the DALI CPU graph cut after each
 stage (the profile). Then the end-to-end figure: the data-wait share of AlexNet training
-steps with each loader. Writes `runs/bench/latest.json`, a timestamped copy and `bench.png`.
+steps with each loader. Writes `runs/bench/latest.json`, a timestamped copy, `bench.png`
+and `latest.md` (the table in Markdown).
 """
 from __future__ import annotations
 
@@ -264,15 +265,15 @@ def run(args: argparse.Namespace) -> dict:
         corpus = ensure_corpus(root, spec, progress=progress)
         corpora = {"256": (corpus.shards["256"], "ImageNet-like, packed --shorter-side 256", corpus.stats),
                    "full": (corpus.shards["full"], "ImageNet-like, packed at original size", corpus.stats)}
-    settings = replace(settings, crop_size=fit_crop(settings.crop_size, [p for p, _, _ in corpora.values()], progress),
-                       e2e_crop=min(settings.e2e_crop, fit_crop(settings.crop_size, [p for p, _, _ in corpora.values()], None)))
+    crop = fit_crop(settings.crop_size, [path for path, _, _ in corpora.values()], progress)
+    settings = replace(settings, crop_size=crop, e2e_crop=min(settings.e2e_crop, crop))
+    e2e_note = ("e2e trains on the GPU" if gpu else "e2e trains on the CPU at a small crop: the same cores train and "
+                "load, so the share shows their contention, not what a GPU would wait")
     results: dict = {
         "schema": SCHEMA, "created": dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join([Path(sys.executable).name, "-m", "pipeline.bench", *sys.argv[1:]]),
         "quick": bool(args.quick), "machine": machine(), "versions": versions(),
-        "settings": {**asdict(settings), "profile_threads": cores, "note": "e2e trains on CPU at a small crop: the CPU is both the "
-                     "trainer and the loader here, so the share shows contention, not a GPU's appetite"
-                     if not gpu else "e2e trains on the GPU"},
+        "settings": {**asdict(settings), "profile_threads": cores, "note": e2e_note},
         "corpora": {}, "decode_bound": {}, "loaders": {}, "profile": {}, "best": {}, "end_to_end": {},
     }
     for label, (path, text, stats) in corpora.items():
