@@ -161,3 +161,20 @@ def test_figure_reports_median_and_spread() -> None:
     assert fig["median"] == 200.0 and fig["min"] == 100.0 and fig["max"] == 300.0 and fig["spread"] == 1.0
     with pytest.raises(ValueError):
         figure([])
+
+
+def test_sources_roll_over_epochs_and_leave_restarts_untimed() -> None:
+    import torch
+
+    from pipeline.bench_loaders import loader_source, measure_interleaved, time_window
+
+    epoch = [(torch.zeros(4, 3, 2, 2), torch.zeros(4)), (torch.zeros(3, 3, 2, 2), torch.zeros(3))]
+    source = loader_source("list", epoch)
+    batches = source.open()
+    assert [next(batches) for _ in range(5)] == [(4, False), (3, True), (4, False), (3, True), (4, False)]
+    batches.close()
+    rate, first, cpu_ms = time_window(source.open(), warmup=1, window=3)
+    assert rate > 0 and first >= 0 and cpu_ms >= 0
+    said = []
+    timed = measure_interleaved([source], warmup=1, window=2, repeats=2, settle_s=0, progress=said.append)
+    assert set(timed["list"]) == {"images_per_s", "first_batch_s", "cpu_ms_per_image"} and len(said) == 2
