@@ -117,10 +117,14 @@ def plot(results: dict, path: Path) -> Path:
         for y, m in enumerate(med):
             if m > limit:
                 ax.text(limit * 0.99, y, f"{m:,.0f} →", va="center", ha="right", fontsize=7, color="white")
+
         ax.axvline(bound, color="k", ls="--", lw=1, label="decode bound (best per core x cores)")
-        ax.set_yticks(range(len(med)), labels, fontsize=7)
+        # the CPU cost per image, steady whatever the neighbours do, beside each name
+        ticks = [f"{l}  [{e['cpu_ms_per_image']['median']:.2f} ms]" if "cpu_ms_per_image" in e else l
+                 for l, (_, _, e) in zip(labels, entries)]
+        ax.set_yticks(range(len(med)), ticks, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("images/s (median of rounds; whiskers min-max)")
+        ax.set_xlabel("images/s (median of rounds; whiskers min-max); [CPU ms per image]")
         ax.set_title(f"corpus {corpus}: {results['corpora'][corpus]['label']}", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     if results["end_to_end"]:
@@ -134,7 +138,7 @@ def plot(results: dict, path: Path) -> Path:
                       f"crop {results['settings']['e2e_crop']}, {results['settings']['e2e_steps']} steps)")
     fig.suptitle(f"make bench, {results['created']}: {results['machine']['cores']} cores, "
                  f"{results['machine']['cpu_model']}, GPU: {results['machine']['gpu'] or 'none'}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
