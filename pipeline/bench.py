@@ -311,9 +311,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def fit_crop(crop: int, shard_dirs: list[Path], progress) -> int:
     """The crop, lowered (with a notice) where a shard set stores smaller images than it."""
-    from pipeline.shardset import min_stored_side
+    from pipeline.shardset import stored_side
 
-    sides = [s for s in (min_stored_side(d, "train") for d in shard_dirs) if s]
+    sides = [s for s in (stored_side(d, "train") for d in shard_dirs) if s]
     if sides and min(sides) < crop:
         fitted = min(sides) // 8 * 8
         if progress:

@@ -83,9 +83,13 @@ def open_split(
     return ShardSplit(root, split, tuple(tars), tuple(indexes), tuple(counts))
 
 
-def min_stored_side(shards_dir: str | os.PathLike, split: str) -> int | None:
-    """The smallest shorter side of the split's stored images, from manifest.parquet
-    (None for shard sets without a manifest, e.g. written by other tools)."""
+def stored_side(shards_dir: str | os.PathLike, split: str) -> int | None:
+    """The median shorter side of the split's stored images, from manifest.parquet (None for
+    shard sets without a manifest, e.g. written by other tools).
+
+    The median, not the minimum: a real ImageNet holds a few images smaller than 224 that the
+    packer never upscales, and every graph resizes those; what the check must catch is a
+    whole set packed smaller than the crop."""
     path = Path(shards_dir) / MANIFEST_FILE
     if not path.is_file():
         return None
@@ -96,7 +100,8 @@ def min_stored_side(shards_dir: str | os.PathLike, split: str) -> int | None:
     table = table.filter(pc.equal(table["split"], split))
     if table.num_rows == 0:
         return None
-    return int(pc.min(pc.min_element_wise(table["width"], table["height"])).as_py())
+    sides = pc.min_element_wise(table["width"], table["height"])
+    return int(pc.quantile(sides, q=0.5, interpolation="lower")[0].as_py())
 
 
 def _cached_index(tar: Path, cache: Path) -> Path:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.shardset import ShardSplit, min_stored_side, open_split, rank_range
+from pipeline.shardset import ShardSplit, open_split, stored_side, rank_range
 from pipeline.stats import Stats, read_stats
 
 CROPS = ("rrc", "paper")
@@ -141,10 +141,10 @@ def resolve(shards_dir, split, batch_size, rank, world_size, device, backend, cr
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA GPU: pass device='cpu'")
     data = open_split(shards_dir, split, opts["index_cache_dir"])
-    stored = min_stored_side(shards_dir, split)
+    stored = stored_side(shards_dir, split)
     if stored is not None and crop_size > stored:
         raise ValueError(
-            f"crop_size={crop_size} is larger than the stored {split} images (shorter side {stored} "
+            f"crop_size={crop_size} is larger than the stored {split} images (median shorter side {stored} "
             f"in {data.root / 'manifest.parquet'}): pass crop_size <= {stored} or re-pack with a larger --shorter-side"
         )
     if split == "train" and data.num_samples // world_size < batch_size:
