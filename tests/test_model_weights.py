@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -157,12 +159,16 @@ class RunsCode:
 def test_refuses_a_pickle_that_would_run_code(tmp_path: Path, tv: nn.Module) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"model": tv.state_dict(), "extra": RunsCode(marker)}, path)
+    torch.save({"extra": RunsCode(marker), "model": tv.state_dict()}, path)
     with pytest.raises(ValueError) as err:
         load_weights(tv, path)
     msg = one_line_error(err)
     assert "evil.pt" in msg and "refused" in msg
     assert not marker.exists()
-    # the file really is dangerous: an unrestricted load runs the command
-    torch.load(path, weights_only=False)
+    # the file really is dangerous: plain unpickling of its data.pkl runs the command (it
+    # comes before the tensors, whose storage references plain pickle then cannot resolve)
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    with pytest.raises(pickle.UnpicklingError):
+        pickle.loads(data)
     assert marker.exists()
