@@ -15,7 +15,7 @@ WORKERS ?=
 DEMO_SHORTER_SIDE ?= 128
 DEMO_SHARD_MB ?= 4
 
-.PHONY: setup shards train test bench cluster-up cluster-down clean-demo
+.PHONY: setup shards train test bench cluster-up cluster-down
 
 setup: $(STAMP)
 
