@@ -8,6 +8,7 @@ Treat both as read-only; copy them (`shutil.copytree`) to modify.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,27 @@ def demo_shards(demo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("demo-shards") / "shards"
     build(demo_tree, out, shorter_side=64, shard_size_mb=0.05, workers=2, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server on 127.0.0.1 for the session (tests/s3_server.py); the AWS variables
+    point at it for this process and every child it starts (packers, Ray workers)."""
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server) -> str:
+    """A fresh empty bucket on the session's S3 server: `s3://<name>`."""
+    return f"s3://{s3_server.new_bucket()}"
