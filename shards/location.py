@@ -216,3 +216,20 @@ def storage_error(err: BaseException, uri: str) -> StorageError:
         if pattern.search(raw):
             return StorageError(f"{uri}: {hint.format(endpoint=endpoint)} ({raw[:200]})")
     return StorageError(f"{uri}: {raw[:300]}")
+
+
+def check_reachable(loc: Location) -> None:
+    """Fail early, in one line, when a remote location's bucket cannot be used: endpoint
+    unreachable, credentials refused, access denied, bucket missing. A no-op for local paths."""
+    if not loc.remote:
+        return
+    bucket = loc.path.split("/", 1)[0]
+    try:
+        kind = loc.fs.get_file_info(bucket).type
+        if kind != pafs.FileType.NotFound:
+            loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))  # list rights
+    except OSError as err:
+        raise storage_error(err, loc.uri) from None
+    if kind == pafs.FileType.NotFound:
+        raise StorageError(f"{loc.uri}: the bucket {bucket!r} does not exist (endpoint "
+                           f"{os.environ.get('AWS_ENDPOINT_URL') or 'AWS'}); create it or fix the URI")
