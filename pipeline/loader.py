@@ -9,17 +9,21 @@
 Each pass over the loader is one epoch and builds a fresh DALI pipeline for it (a few ms
 after the first one in a process), seeded by (seed, epoch, rank): epochs reshuffle,
 a resumed run reproduces the epochs it re-reads, and leaving a pass early (a `break`)
-leaves nothing behind for the next one.
+leaves nothing behind for the next one. Its reader gets exactly the rank's part of the
+epoch (the tars it touches, the end ones' indexes cut to the part), so a remote set only
+needs that part staged on the node (`pipeline.staging`).
 """
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
-from pipeline.shardset import member_key
+from pipeline.shardset import member_key, write_part_index
 from pipeline.spec import EpochLoader, LoaderSpec, resolve
 
 _SOURCE_INFO = re.compile(r"^(.*?):(\d+):(.*)$", re.S)
@@ -65,6 +69,10 @@ def make_loader(
 class DaliLoader(EpochLoader):
     """One rank's DALI loader; see `make_loader`."""
 
+    def __init__(self, spec: LoaderSpec) -> None:
+        super().__init__(spec)
+        self._parts = tempfile.TemporaryDirectory(prefix="alexnet-part-")  # this rank's part indexes
+
     def __iter__(self) -> Iterator[tuple]:
         epoch = self._next_epoch()
         if len(self) == 0:
@@ -73,7 +81,8 @@ class DaliLoader(EpochLoader):
 
         from pipeline.dali import READER
 
-        pipe = build_pipeline(self.spec, epoch)
+        self.spec.stage(epoch)
+        pipe = build_pipeline(self.spec, epoch, Path(self._parts.name))
         policy = LastBatchPolicy.DROP if self.spec.train else LastBatchPolicy.PARTIAL
         it = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER,
                                  last_batch_policy=policy, auto_reset=False)
@@ -97,16 +106,24 @@ class DaliLoader(EpochLoader):
             del it, pipe
 
 
-def build_pipeline(spec: LoaderSpec, epoch: int) -> "nvidia.dali.Pipeline":  # noqa: F821
-    """The built DALI pipeline that reads `epoch` of `spec` (exposed for benchmarks)."""
+def build_pipeline(spec: LoaderSpec, epoch: int, part_dir: Path | None = None) -> "nvidia.dali.Pipeline":  # noqa: F821
+    """The built DALI pipeline that reads `epoch` of `spec` (exposed for benchmarks).
+
+    The reader is handed exactly this rank's part: the tars it touches, in the epoch's
+    order, with the first and last one's index cut to the part's samples (written into
+    `part_dir`), as one DALI shard. The tars outside the part need not be on this node."""
     from pipeline import dali
 
-    order = spec.tar_order(epoch)
-    shard_id, num_shards = spec.reader_shard()
+    tars, indexes = [], []
+    for i, first, end in spec.part_files(epoch):
+        tars.append(str(spec.data.tars[i]))
+        idx = spec.data.indexes[i]
+        if (first, end) != (0, spec.data.counts[i]):
+            part_dir = part_dir or Path(tempfile.mkdtemp(prefix="alexnet-part-"))
+            idx = write_part_index(idx, first, end, part_dir / f"e{epoch}-r{spec.rank}-t{i}.idx")
+        indexes.append(str(idx))
     common = dict(
-        tars=[str(spec.data.tars[i]) for i in order],
-        indexes=[str(spec.data.indexes[i]) for i in order],
-        shard_id=shard_id, num_shards=num_shards,
+        tars=tars, indexes=indexes, shard_id=0, num_shards=1,
         device="gpu" if spec.device == "cuda" else "cpu", crop_size=spec.crop_size,
         resize_to=spec.resize_to, mean=[255 * m for m in spec.stats.mean],
         std=[255 * s for s in spec.stats.std], dtype=spec.dtype,

@@ -11,11 +11,13 @@ import hashlib
 import os
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.staging import ShardCache
 from shards.index import write_index
-from shards.layouts import IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SPLITS, split_tars
+from shards.layouts import IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SPLITS, TAR_SUFFIX, split_tars
+from shards.location import check_reachable, is_remote, resolve
 
 # Image member extensions read (ours is `jpg`; other WebDataset writers also use these).
 IMAGE_EXTS = (IMAGE_EXT, "jpeg", "png")
@@ -26,17 +28,39 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 @dataclass(frozen=True)
 class ShardSplit:
-    """The tars of one split, in order, with their index files and sample counts."""
+    """The tars of one split, in order, with their index files and sample counts.
+
+    `root` is a local folder holding the set files (classes, stats, manifest): the set
+    itself, or for a remote set its node-local mirror. `tars` are what the readers open:
+    local paths (for a staged remote set, where each tar lands once `ensure` fetched it),
+    or the store's URIs when streaming (`cache_dir="none"`). `uri` is the set as given."""
 
     root: Path
     split: str
-    tars: tuple[Path, ...]
+    tars: tuple[Path | str, ...]
     indexes: tuple[Path, ...]
     counts: tuple[int, ...]
+    uri: str = ""
+    cache: ShardCache | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.uri)
+
+    def ensure(self, tar_ids: list[int], then: list[int] | None = None) -> None:
+        """Make these tars readable locally (a no-op for local sets and for streaming); then
+        stage `then` (the next pass's) in the background."""
+        if self.cache is None or isinstance(self.tars[0], str):
+            return
+        rels = [f"{self.split}/{Path(self.tars[i]).name}" for i in tar_ids]
+        self.cache.pin(rels)
+        self.cache.fetch(rels)
+        if then:
+            self.cache.prefetch([f"{self.split}/{Path(self.tars[i]).name}" for i in then])
 
 
 def member_key(member_name: str) -> str:
@@ -52,15 +76,22 @@ def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def open_split(
-    shards_dir: str | os.PathLike, split: str, index_cache_dir: str | os.PathLike | None = None
+    shards_dir: str | os.PathLike, split: str, index_cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None, cache_max_gb: float = 0.0,
 ) -> ShardSplit:
     """Find and check the tars of `shards_dir/split`; build missing indexes into the cache.
 
-    Raises FileNotFoundError / ValueError with one line naming the path and what to do.
+    `shards_dir` is a path or a URI (DESIGN.md "Locations"). A remote set is staged through a
+    node-local `ShardCache` in `cache_dir` (default ~/.cache/alexnet-dali/shards): the set
+    files and indexes now, each tar when a pass needs it; `cache_dir="none"` streams the
+    tars through DALI's own reader instead. Raises FileNotFoundError / ValueError /
+    StorageError with one line naming the path and what to do.
     """
-    root = Path(shards_dir).expanduser().resolve()
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
+    if is_remote(shards_dir):
+        return _open_remote(str(shards_dir), split, index_cache_dir, cache_dir, cache_max_gb)
+    root = Path(shards_dir).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(
             f"shards directory {root} does not exist: run `make shards` or pass the directory "
@@ -78,9 +109,36 @@ def open_split(
         idx = tar.with_suffix(IDX_SUFFIX)
         if not idx.is_file():
             idx = _cached_index(tar, cache)
-        counts.append(_check_index(tar, idx))
+        _check_tar_header(tar)
+        counts.append(_check_index(str(tar), idx, tar.stat().st_size))
         indexes.append(idx)
-    return ShardSplit(root, split, tuple(tars), tuple(indexes), tuple(counts))
+    return ShardSplit(root, split, tuple(tars), tuple(indexes), tuple(counts), uri=str(root))
+
+
+def _open_remote(uri: str, split: str, index_cache_dir, cache_dir, cache_max_gb: float) -> ShardSplit:
+    loc = resolve(uri)
+    check_reachable(loc)
+    stream = str(cache_dir).lower() == "none" if cache_dir is not None else False
+    cache = ShardCache(loc, None if stream else cache_dir, max_bytes=int(float(cache_max_gb) * 1e9))
+    listing = cache.fetch_meta([split])[split]
+    if not listing:
+        other = [s for s in SPLITS if (loc / s).list()]
+        raise FileNotFoundError(
+            f"{loc / split}: no .tar shards for split {split!r} (the prefix holds {', '.join(other) or 'no split folders'}); "
+            f"pack with `python -m shards build --out {loc}` or pass the prefix that holds train/ and val/"
+        )
+    index_cache = Path(index_cache_dir) if index_cache_dir is not None else DEFAULT_INDEX_CACHE
+    tars, indexes, counts = [], [], []
+    for name, size in listing:
+        rel = f"{split}/{name}"
+        idx = cache.local(rel[: -len(TAR_SUFFIX)] + IDX_SUFFIX)
+        if not idx.is_file():  # a set from another writer: index the tar once, locally
+            local_tar = cache.fetch([rel])[0]
+            idx = _cached_index(local_tar, index_cache)
+        counts.append(_check_index(str(loc / rel), idx, size))
+        indexes.append(idx)
+        tars.append(str(loc / rel) if stream else cache.local(rel))
+    return ShardSplit(cache.dir, split, tuple(tars), tuple(indexes), tuple(counts), uri=loc.uri, cache=cache)
 
 
 def stored_side(shards_dir: str | os.PathLike, split: str) -> int | None:
@@ -114,14 +172,17 @@ def _cached_index(tar: Path, cache: Path) -> Path:
     return idx
 
 
-def _check_index(tar: Path, idx: Path) -> int:
-    """Sample count of `tar` from its index, after cheap consistency checks (a header that
-    parses, a line per sample, no member past the end of the tar)."""
+def _check_tar_header(tar: Path) -> None:
     try:
         with tarfile.open(tar, "r:") as t:
             t.next()
     except (tarfile.TarError, OSError) as e:
         raise ValueError(f"{tar}: corrupt shard, not a readable tar ({e}); re-pack or remove it") from e
+
+
+def _check_index(tar: str, idx: Path, size: int) -> int:
+    """Sample count of `tar` (`size` bytes) from its index, after cheap consistency checks (a
+    header that parses, a line per sample, no member past the end of the tar)."""
     lines = idx.read_text().splitlines()
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
@@ -139,7 +200,6 @@ def _check_index(tar: Path, idx: Path) -> int:
                 f"{tar}: sample {line.split(' ')[3]!r} lacks an image ({'/'.join(IMAGE_EXTS)}) or a "
                 f".{LABEL_EXT} label member; every sample needs both: re-pack or remove the shard"
             )
-    size = tar.stat().st_size
     last = lines[-1].split()
     end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last) - 3, 4))
     if end > size:
@@ -148,3 +208,11 @@ def _check_index(tar: Path, idx: Path) -> int:
             f"{size}); re-pack it"
         )
     return count
+
+
+def write_part_index(idx: Path, first: int, end: int, out: Path) -> Path:
+    """An index listing only samples [first, end) of `idx`: DALI's reader then reads exactly
+    those (how a rank's reader is restricted to its part of the epoch)."""
+    lines = idx.read_text().splitlines()[1 + first: 1 + end]
+    out.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+    return out

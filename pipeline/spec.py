@@ -15,6 +15,7 @@ Across ranks (DESIGN.md "Pipeline API"):
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +40,9 @@ EXTRA_DEFAULTS: dict = {
     "device_id": None,  # DALI's CUDA device: a logical index; None: torch.cuda.current_device()
     "index_cache_dir": None,  # where indexes of foreign shards go; None: ~/.cache/alexnet-dali/idx
     "shuffle_buffer": 1024,  # per-rank sample shuffle buffer (DALI initial_fill)
+    "cache_dir": None,  # remote sets: node-local staging folder; None: ~/.cache/alexnet-dali/shards;
+    #                     "none": stream the tars through DALI's own S3 reader (DALI backend only)
+    "cache_max_gb": 0.0,  # bound on the staging folder (least recently used shards go); 0: none
 }
 
 
@@ -95,12 +99,6 @@ class LoaderSpec:
             return self.num_batches * self.batch_size
         return self.part[1] - self.part[0]
 
-    def reader_shard(self) -> tuple[int, int]:
-        """DALI's (shard_id, num_shards) for this rank's part. DALI refuses more shards than
-        samples; when ranks outnumber samples every part holds at most one sample, `lo` of N."""
-        n = self.data.num_samples
-        return (self.rank, self.world_size) if self.world_size <= n else (self.part[0], n)
-
     def tar_order(self, epoch: int) -> list[int]:
         """The order the tars are read in this epoch: permuted per epoch in train (the same
         permutation on every rank), stored order in val."""
@@ -108,6 +106,32 @@ class LoaderSpec:
         if not self.train:
             return list(range(n))
         return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(n).tolist()
+
+    def part_files(self, epoch: int) -> list[tuple[int, int, int]]:
+        """What this rank reads in `epoch`, in read order: (tar index, first, end) for each
+        tar its part touches, `first`/`end` the samples of that tar inside the part."""
+        lo, hi = self.part
+        out, start = [], 0
+        for i in self.tar_order(epoch):
+            n = self.data.counts[i]
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                out.append((i, a - start, b - start))
+            start += n
+        return out
+
+    def stage(self, epoch: int) -> None:
+        """Make the tars of this rank's part of `epoch` local (remote sets) and start staging
+        the next epoch's in the background, so staging shows as data-wait only once."""
+        now = [i for i, _, _ in self.part_files(epoch)]
+        then = [i for i, _, _ in self.part_files(epoch + 1)] if self.train else []
+        self.data.ensure(now, [i for i in then if i not in now])
+
+    def check_staging(self) -> None:
+        """Remote sets: one line now, before any batch, if the cache disk cannot hold a pass."""
+        if self.data.cache is not None and not isinstance(self.data.tars[0], str):
+            rels = [f"{self.data.split}/{Path(self.data.tars[i]).name}" for i, _, _ in self.part_files(self.epoch)]
+            self.data.cache.check_space(rels, f"rank {self.rank}'s part of {self.data.uri}/{self.data.split}")
 
     def epoch_seed(self, epoch: int) -> int:
         """Seed of this rank's random draws (shuffle, crops, flips, lighting) in `epoch`."""
@@ -140,17 +164,22 @@ def resolve(shards_dir, split, batch_size, rank, world_size, device, backend, cr
 
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA GPU: pass device='cpu'")
-    data = open_split(shards_dir, split, opts["index_cache_dir"])
-    stored = stored_side(shards_dir, split)
+    if opts["cache_dir"] is not None and str(opts["cache_dir"]).lower() == "none" and backend == "torch":
+        raise ValueError("cache_dir='none' streams through DALI's S3 reader: use backend='dali', or stage "
+                         "the shards (cache_dir=None or a folder)")
+    if float(opts["cache_max_gb"]) < 0:
+        raise ValueError(f"cache_max_gb={opts['cache_max_gb']!r}: must be >= 0 (0: unbounded)")
+    data = open_split(shards_dir, split, opts["index_cache_dir"], opts["cache_dir"], float(opts["cache_max_gb"]))
+    stored = stored_side(data.root, split)
     if stored is not None and crop_size > stored:
         raise ValueError(
             f"crop_size={crop_size} is larger than the stored {split} images (median shorter side {stored} "
-            f"in {data.root / 'manifest.parquet'}): pass crop_size <= {stored} or re-pack with a larger --shorter-side"
+            f"in {data.uri}/manifest.parquet): pass crop_size <= {stored} or re-pack with a larger --shorter-side"
         )
     if split == "train" and data.num_samples // world_size < batch_size:
         raise ValueError(
             f"batch_size={batch_size}: each of the {world_size} rank(s) holds only "
-            f"{data.num_samples // world_size} of the {data.num_samples} train samples in {data.root}: "
+            f"{data.num_samples // world_size} of the {data.num_samples} train samples in {data.uri}: "
             "lower batch_size or world_size"
         )
     threads = opts["num_threads"]
@@ -158,14 +187,16 @@ def resolve(shards_dir, split, batch_size, rank, world_size, device, backend, cr
         threads = max(1, min(8, len(os.sched_getaffinity(0))))
     elif int(threads) < (0 if backend == "torch" else 1):  # 0 workers: the torch baseline in-process
         raise ValueError(f"num_threads={threads!r}: must be >= 1 (0 DataLoader workers is for backend='torch' only)")
-    return LoaderSpec(
-        data=data, stats=read_stats(shards_dir), batch_size=batch_size, rank=rank,
+    spec = LoaderSpec(
+        data=data, stats=read_stats(data.root), batch_size=batch_size, rank=rank,
         world_size=world_size, device=device, crop_size=crop_size, seed=int(seed),
         return_keys=bool(return_keys), crop=opts["crop"], ten_crop=bool(opts["ten_crop"]),
         num_threads=int(threads), prefetch=max(1, int(opts["prefetch"])), dtype=opts["dtype"],
         lighting=bool(opts["lighting"]), rrc_scale=(lo, hi), epoch=int(opts["epoch"]),
         device_id=opts["device_id"], shuffle_buffer=max(1, int(opts["shuffle_buffer"])),
     )
+    spec.check_staging()
+    return spec
 
 
 def _choice(name: str, value, valid: tuple[str, ...]) -> None:

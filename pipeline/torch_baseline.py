@@ -32,7 +32,10 @@ class TorchLoader(EpochLoader):
 
     def __iter__(self) -> Iterator[tuple]:
         spec = self.spec
-        data = RankBatches(spec, self._next_epoch())
+        epoch = self._next_epoch()
+        if len(self):
+            spec.stage(epoch)
+        data = RankBatches(spec, epoch)
         workers = spec.num_threads
         loader = DataLoader(
             data, batch_size=None, num_workers=workers, pin_memory=spec.device == "cuda",
