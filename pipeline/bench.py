@@ -1,14 +1,16 @@
 """`make bench`: input-pipeline throughput against the torch baseline and the decode bound.
 
     python -m pipeline.bench                 # cached ImageNet-like corpus (256 and full size)
-    python -m pipeline.bench --shards DIR    # the user's own shards
+    python -m pipeline.bench --shards DIR    # the user's own shards (a path or an s3:// URI)
     python -m pipeline.bench --quick         # about a minute: the same JSON, fewer rounds
+    python -m pipeline.bench --shards DIR --s3   # add the object-storage part on those shards
 
 All figures of one shard set are measured in the same rounds, interleaved (see
 `pipeline.bench_loaders`): the decode bound (PIL and DALI's CPU decoder alone, per core;
 DALI `mixed` on a GPU), the torch baseline at 0..cores DataLoader workers, DALI CPU per crop
 policy and thread count (DALI GPU when there is one), and the DALI CPU graph cut after each
-stage (the profile). Then the end-to-end figure: the data-wait share of AlexNet training
+stage (the profile), and (default corpus, or `--s3`) the same shards staged from and
+streamed from a local S3 server (`pipeline.bench_staging`). Then the end-to-end figure: the data-wait share of AlexNet training
 steps with each loader. Writes `runs/bench/latest.json`, a timestamped copy, `bench.png`
 and `latest.md` (the table in Markdown).
 """
@@ -32,7 +34,9 @@ from pipeline.bench_decode import dali_decode_source, load_jpegs, pil_rate, pil_
 from pipeline.bench_loaders import Source, loader_source, measure_interleaved, pipeline_source
 from pipeline.bench_profile import PROFILE_STAGES, build_stage
 from pipeline.bench_report import markdown, plot, table, write_json
+from pipeline.bench_staging import StagingBench, stage_remote_set
 from pipeline.bench_stats import ratio
+from shards.location import is_remote
 
 SCHEMA = 1
 TARGETS = {"dali_cpu_over_torch": 1.5, "dali_cpu_over_decode_bound": 0.85}
@@ -122,7 +126,8 @@ def loader_configs(settings: Settings, cores: int, gpu: bool, reduced: bool = Fa
     return out
 
 
-def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, reduced: bool) -> list[Source]:
+def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, reduced: bool,
+                  staging: StagingBench | None = None) -> list[Source]:
     """Every source of one shard set: decoders alone, loaders, and the profile's cut graphs."""
     from pipeline import make_loader
 
@@ -141,6 +146,8 @@ def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, r
         # DataLoader workers each build whole batches and start together: their first burst is warm-up
         extra = kwargs["num_threads"] if kwargs["backend"] == "torch" else 0
         sources.append(loader_source(name, loader, extra, {"kind": "loader", "kwargs": kwargs}))
+    if staging is not None:
+        sources += staging.sources(b, settings.crop_size, cores)
     if settings.profile:
         for stage in PROFILE_STAGES:
             build = partial(build_stage, stage, shards_dir, b, cores, settings.crop_size)
@@ -149,14 +156,14 @@ def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, r
 
 
 def bench_shards(label: str, shards_dir: Path, settings: Settings, cores: int, gpu: bool, reduced: bool,
-                 progress) -> dict:
+                 progress, staging: StagingBench | None = None) -> dict:
     """Decode bound, loaders and profile of one shard set, all in the same interleaved rounds."""
     progress(f"[{label}] PIL decode alone in 1 and {cores} processes")
     measured = {f"decode pil {count(procs, 'process')}":
                 {"images_per_s": pil_rate(shards_dir, settings.decode_images, procs, settings.repeats)}
                 for procs in sorted({1, cores})}
     progress(f"[{label}] building sources on {shards_dir}")
-    sources = build_sources(shards_dir, settings, cores, gpu, reduced)
+    sources = build_sources(shards_dir, settings, cores, gpu, reduced, staging)
     progress(f"[{label}] timing {len(sources)} sources: {settings.repeats} rounds x "
              f"({settings.warmup} warm-up + {settings.window} timed batches of {settings.batch_size})")
     timed = measure_interleaved(sources, settings.warmup, settings.window, settings.repeats,
@@ -253,7 +260,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.repeats:
         settings = replace(settings, repeats=args.repeats)
     gpu = gpu_name() is not None
-    if args.shards:
+    staged_from = None
+    if args.shards and is_remote(args.shards):
+        shards_dir, staged_from = stage_remote_set(args.shards, progress)
+        corpora = {"user": (shards_dir, f"your shards: {args.shards} (staged to {shards_dir})", None)}
+    elif args.shards:
         shards_dir = Path(args.shards)
         if not (shards_dir / "train").is_dir():
             raise SystemExit(f"--shards {shards_dir}: no train/ split there; pass a directory written by "
@@ -275,9 +286,22 @@ def run(args: argparse.Namespace) -> dict:
         "quick": bool(args.quick), "machine": machine(), "versions": versions(),
         "settings": {**asdict(settings), "profile_threads": cores, "note": e2e_note},
         "corpora": {}, "decode_bound": {}, "loaders": {}, "profile": {}, "best": {}, "end_to_end": {},
+        "staging": {"remote_set": staged_from} if staged_from else {},
     }
     for label, (path, text, stats) in corpora.items():
-        block = bench_shards(label, path, settings, cores, gpu, reduced=label == "full", progress=progress)
+        staging = None
+        if label in ("256", "user") and (args.s3 or not args.shards) and not staged_from:
+            staging = StagingBench(path, progress)
+            staging.upload()
+        try:
+            block = bench_shards(label, path, settings, cores, gpu, reduced=label == "full", progress=progress,
+                                 staging=staging)
+            if staging is not None:
+                results["staging"] = {"corpus": label, "server": "moto_server on 127.0.0.1 (same cores)",
+                                      **staging.figures, **staging.ratios(block["loaders"], cores)}
+        finally:
+            if staging is not None:
+                staging.close()
         results["corpora"][label] = {"shards_dir": str(path), "label": text,
                                      "description": (stats or {}).get(label)}
         results["decode_bound"][label] = block["decode_bound"]
@@ -326,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--shards", help="measure these shards instead of the generated corpus")
     parser.add_argument("--quick", action="store_true", help="about a minute: small batches, two rounds")
+    parser.add_argument("--s3", action="store_true",
+                        help="with --shards DIR: also read them staged from and streamed from a local S3 server "
+                             "(always on for the default corpus)")
     parser.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     parser.add_argument("--data", default="data/bench", help="where the generated corpus is cached")
     parser.add_argument("--batch-size", type=int, help="override the batch size (default 64; quick 16)")
@@ -333,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         raise SystemExit(f"bench: {err}") from None
     return 0
 

@@ -51,7 +51,23 @@ def table(results: dict) -> str:
     for key, value in results["ratios"].items():
         if not isinstance(value, dict):
             lines.append(f"ratio   {key:<46} {value if value is not None else 'n/a':>9}")
+    lines += [f"s3      {line}" for line in staging_lines(results.get("staging") or {})]
     return "\n".join(lines)
+
+
+def staging_lines(staging: dict) -> list[str]:
+    """The object-storage figures in words (empty when the run had none)."""
+    out = []
+    remote = staging.get("remote_set") or staging
+    if "stage_mb_per_s" in remote:
+        out.append(f"staging into the node cache: {remote['stage_mb_per_s']} MB/s, {remote['stage_images_per_s']} "
+                   f"images/s of shards ({remote['staged_bytes'] / 1e6:.1f} MB in {remote['stage_s']} s)")
+    if "upload_mb_per_s" in staging:
+        out.append(f"upload of the set: {staging['upload_mb_per_s']} MB/s")
+    for key in ("staged_over_local", "streamed_over_local"):
+        if key in staging:
+            out.append(f"{key}: {staging[key]} (dali cpu rrc, all cores, same rounds)")
+    return out
 
 
 def markdown(results: dict) -> str:
@@ -82,6 +98,8 @@ def markdown(results: dict) -> str:
         if not isinstance(value, (dict, str)):
             target = results["ratios"]["targets"].get(key.replace("_cpu_time", ""), "")
             out.append(f"| `{key}` | {value if value is not None else 'n/a'} | {target} |")
+    if lines := staging_lines(results.get("staging") or {}):
+        out += ["", "Object storage (local S3 server, `pipeline.bench_staging`):", ""] + [f"- {line}" for line in lines]
     return "\n".join(out) + "\n"
 
 

@@ -37,7 +37,7 @@ def check_figure(fig: dict, repeats: int, unit: str = "images/s") -> None:
 
 def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    proc = run_bench("--quick", "--shards", str(demo_shards), "--out", str(out))
+    proc = run_bench("--quick", "--s3", "--shards", str(demo_shards), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     latest = out / "latest.json"
     res = json.loads(latest.read_text())
@@ -69,6 +69,8 @@ def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path:
     # quick: torch at 0 and all-cores workers, DALI at all cores (the default run adds the rest)
     expected = {f"torch {w} worker{'' if w == 1 else 's'}" for w in (0, cores)}
     expected |= {f"dali cpu {c} {cores} thread{'' if cores == 1 else 's'}" for c in ("rrc", "paper")}
+    # --s3: the same shards staged from and streamed from a local S3 server, in the same rounds
+    expected |= {f"s3 {how}: dali cpu rrc {cores} thread{'' if cores == 1 else 's'}" for how in ("staged", "streamed")}
     assert set(loaders) == expected
     for name, entry in loaders.items():
         check_figure(entry["images_per_s"], repeats)
@@ -90,6 +92,13 @@ def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path:
         assert 0 < share["overall"] < 1 and share["max"] <= 1
         check_figure(entry["step_s"], res["settings"]["e2e_steps"], unit="s")
         assert entry["images_per_s"] > 0
+
+    staging = res["staging"]
+    train_bytes = sum(p.stat().st_size for p in (demo_shards / "train").glob("*.tar"))
+    assert staging["staged_bytes"] == train_bytes and staging["stage_mb_per_s"] > 0
+    assert staging["stage_images_per_s"] > 0 and staging["upload_mb_per_s"] > 0
+    assert 0 < staging["staged_over_local"] and 0 < staging["streamed_over_local"]
+    assert "staged_over_local" in proc.stdout
 
     ratios = res["ratios"]
     for key in ("dali_cpu_over_torch", "dali_cpu_over_decode_bound", "torch_over_decode_bound",

@@ -1,0 +1,149 @@
+"""Remote shard sets through the node-local cache, against a real S3 server on loopback
+(moto), real DALI (CPU) and the demo_shards fixture uploaded as the packer left it."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import make_loader
+from pipeline.staging import mirror_dir
+from shards.location import StorageError
+
+ARGS = dict(batch_size=16, device="cpu", crop_size=56, num_threads=1)
+
+
+def upload(local: Path, server, uri: str) -> None:
+    pafs.copy_files(str(local), uri.removeprefix("s3://"), source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=server.filesystem())
+
+
+@pytest.fixture()
+def remote_set(demo_shards, s3_server, s3_bucket) -> str:
+    uri = f"{s3_bucket}/demo"
+    upload(demo_shards, s3_server, uri)
+    return uri
+
+
+def keys_and_labels(loader) -> tuple[list[str], list[int]]:
+    keys, labels = [], []
+    for _, lab, k in loader:
+        keys += k
+        labels += lab.tolist()
+    return keys, labels
+
+
+def test_remote_set_reads_like_the_local_copy(demo_shards, remote_set, tmp_path):
+    cache = tmp_path / "cache"
+    for split, rank in (("val", 0), ("val", 1), ("train", 1)):
+        local = make_loader(str(demo_shards), split, rank=rank, world_size=2, return_keys=True, **ARGS)
+        remote = make_loader(remote_set, split, rank=rank, world_size=2, return_keys=True, cache_dir=cache, **ARGS)
+        assert len(remote) == len(local) and remote.num_samples == local.num_samples
+        assert keys_and_labels(remote) == keys_and_labels(local), (split, rank)
+    # the staged part only: rank 1's train part of epoch 0 and the val tars of both ranks
+    staged = sorted(p.name for p in (mirror_dir(remote_set, cache) / "train").glob("*.tar"))
+    touched = {Path(local.spec.data.tars[i]).name for i, _, _ in local.spec.part_files(0)}
+    assert touched <= set(staged) and len(touched) < len(list((demo_shards / "train").glob("*.tar")))
+
+
+def test_streaming_through_dalis_s3_reader(demo_shards, remote_set, tmp_path):
+    local = make_loader(str(demo_shards), "val", return_keys=True, **ARGS)
+    remote = make_loader(remote_set, "val", return_keys=True, cache_dir="none", **ARGS)
+    assert all(str(t).startswith("s3://") for t in remote.spec.data.tars)
+    assert keys_and_labels(remote) == keys_and_labels(local)
+    with pytest.raises(ValueError, match="cache_dir='none' streams through DALI"):
+        make_loader(remote_set, "val", backend="torch", cache_dir="none", **ARGS)
+
+
+def test_next_epochs_part_is_staged_in_the_background(remote_set, tmp_path):
+    loader = make_loader(remote_set, "train", rank=0, world_size=2, cache_dir=tmp_path / "c", **ARGS)
+    spec = loader.spec
+    now = {i for i, _, _ in spec.part_files(0)}
+    later = {i for i, _, _ in spec.part_files(1)} - now
+    assert later, "the demo's epoch-1 part should touch other tars"
+    for _ in loader:
+        pass
+    for fut in list(spec.data.cache._pending.values()):
+        fut.result(timeout=60)
+    fetched = spec.data.cache.fetched_bytes
+    assert all(Path(spec.data.tars[i]).is_file() for i in later)
+    next(iter(loader))  # epoch 1 needs nothing new
+    assert spec.data.cache.fetched_bytes == fetched
+
+
+def _read_val(uri: str, cache: str, queue) -> None:
+    loader = make_loader(uri, "val", return_keys=True, cache_dir=cache, **ARGS)
+    keys, _ = keys_and_labels(loader)
+    queue.put((loader.spec.data.cache.fetched_bytes, len(keys)))
+
+
+def test_two_loaders_on_one_node_share_one_download(demo_shards, remote_set, tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_read_val, args=(remote_set, str(tmp_path / "shared"), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    val_tars = sum(p.stat().st_size for p in (demo_shards / "val").glob("*.tar"))
+    val_idx = sum(p.stat().st_size for p in (demo_shards / "val").glob("*.idx"))
+    assert [n for _, n in results] == [50, 50]
+    # every index and every tar downloaded by exactly one of the two processes
+    assert sum(b for b, _ in results) == val_tars + val_idx
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_cached_shard_is_fetched_again(demo_shards, remote_set, tmp_path, damage):
+    cache = tmp_path / "cache"
+    expect = keys_and_labels(make_loader(str(demo_shards), "val", return_keys=True, **ARGS))
+    assert keys_and_labels(make_loader(remote_set, "val", return_keys=True, cache_dir=cache, **ARGS)) == expect
+    cached = sorted((mirror_dir(remote_set, cache) / "val").glob("*.tar"))[0]
+    good = cached.read_bytes()
+    if damage == "truncate":
+        cached.write_bytes(good[: len(good) // 2])
+    else:  # same size, rotten bytes: only the sha256 of shards.parquet can tell
+        cached.write_bytes(good[:4096] + bytes(b ^ 0xFF for b in good[4096:8192]) + good[8192:])
+    again = make_loader(remote_set, "val", return_keys=True, cache_dir=cache, **ARGS)
+    assert keys_and_labels(again) == expect
+    assert cached.read_bytes() == good
+
+
+def test_cache_bound_evicts_least_recently_used(remote_set, demo_shards, tmp_path):
+    sizes = pq.read_table(demo_shards / "shards.parquet").to_pylist()
+    train = [r["bytes"] for r in sizes if r["split"] == "train"]
+    bound = 4 * max(train)  # room for one rank's part of an epoch and a little more, not for all
+    cache = tmp_path / "cache"
+    loader = make_loader(remote_set, "train", rank=0, world_size=4, cache_dir=cache, cache_max_gb=bound / 1e9,
+                         **{**ARGS, "batch_size": 8})
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for _ in loader:
+            pass
+        held = sum(p.stat().st_size for p in (mirror_dir(remote_set, cache) / "train").glob("*.tar"))
+        assert held <= bound
+    with pytest.raises(StorageError, match=r"cache_max_gb=.*needs .* GB of shards staged at once"):
+        make_loader(remote_set, "train", rank=0, world_size=1, cache_dir=cache, cache_max_gb=max(train) / 1e9,
+                    **ARGS)
+
+
+def test_bad_remote_locations_fail_in_one_line(remote_set, s3_server, tmp_path):
+    cases = [
+        (f"{remote_set}/train", "no .tar shards for split 'train'"),
+        ("s3://no-such-bucket-here/shards", "bucket 'no-such-bucket-here' does not exist"),
+    ]
+    for uri, match in cases:
+        with pytest.raises((StorageError, FileNotFoundError), match=match) as err:
+            make_loader(uri, "train", cache_dir=tmp_path / "c", **ARGS)
+        assert "\n" not in str(err.value) and uri in str(err.value)
+    os.environ["AWS_ENDPOINT_URL"] = "http://127.0.0.1:1"
+    try:
+        with pytest.raises(StorageError, match="cannot reach the storage endpoint") as err:
+            make_loader(remote_set, "val", cache_dir=tmp_path / "c", **ARGS)
+        assert "\n" not in str(err.value)
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = s3_server.endpoint
