@@ -33,9 +33,12 @@ else
 	$(PY) -m shards build --source $(IMAGENET_DIR) --out $(SHARDS_DIR) $(if $(WORKERS),--workers $(WORKERS))
 endif
 
+# A location is a path (made absolute: Ray workers run elsewhere) or a URI such as s3://bucket/prefix (as is).
+location = $(if $(findstring ://,$(1)),$(1),$(abspath $(1)))
+
 train: setup
-	@test -f $(SHARDS_DIR)/stats.json || $(MAKE) --no-print-directory shards
-	$(PY) orchestration/train.py --config $(CONFIG) $(if $(filter command line environment,$(origin SHARDS_DIR)),--set shards_dir=$(abspath $(SHARDS_DIR)))
+	@$(if $(findstring ://,$(SHARDS_DIR)),true,test -f $(SHARDS_DIR)/stats.json) || $(MAKE) --no-print-directory shards
+	$(PY) orchestration/train.py --config $(CONFIG) $(if $(filter command line environment,$(origin SHARDS_DIR)),--set shards_dir=$(call location,$(SHARDS_DIR)))
 
 test: setup
 	$(PY) -m pytest -q
