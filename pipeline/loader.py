@@ -72,9 +72,12 @@ class DaliLoader(EpochLoader):
     def __init__(self, spec: LoaderSpec) -> None:
         super().__init__(spec)
         self._parts = tempfile.TemporaryDirectory(prefix="alexnet-part-")  # this rank's part indexes
+        self._live = None  # the iterator of the pass under way
 
     def __iter__(self) -> Iterator[tuple]:
         epoch = self._next_epoch()
+        resume = self._take_resume(epoch)
+        self._pass = (epoch, 0)
         if len(self) == 0:
             return
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -82,31 +85,43 @@ class DaliLoader(EpochLoader):
         from pipeline.dali import READER
 
         self.spec.stage(epoch)
-        pipe = build_pipeline(self.spec, epoch, Path(self._parts.name))
+        start = resume["batch"] if resume else 0
+        pipe = build_pipeline(self.spec, epoch, Path(self._parts.name),
+                              checkpoint=resume["backend_state"] if resume else None)
         policy = LastBatchPolicy.DROP if self.spec.train else LastBatchPolicy.PARTIAL
         it = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER,
                                  last_batch_policy=policy, auto_reset=False)
+        self._live = it
         device = _torch_device(self.spec)
-        left = self.num_samples
+        left = self.num_samples - start * self.spec.batch_size
         try:
-            for _ in range(len(self)):
+            for k in range(start, len(self)):
                 out = next(it)[0]
-                # DALI sizes every rank's epoch by the largest part: trim to this rank's own
-                n = min(left, self.spec.batch_size)
+                n = min(left, self.spec.batch_size)  # val: the last batch may be short
                 left -= n
                 images = out["images"][:n]
                 if self.spec.dtype == "bfloat16":
                     images = images.to(torch.bfloat16)
                 labels = parse_labels(out["labels"][:n]).to(device, non_blocking=True)
+                self._pass = (epoch, k + 1)
                 if self.spec.return_keys:
                     yield images, labels, parse_keys(out["keys"][:n])
                 else:
                     yield images, labels
         finally:
+            self._live = None
+            if self._pass[1] < len(self):  # left early: the next pass is the next epoch, from its start
+                self._pass = None
             del it, pipe
 
+    def _backend_state(self) -> str | None:
+        """DALI's checkpoint of the pipeline after the last batch handed out (reader position
+        and every random operator's state; train pipelines are built with checkpointing on)."""
+        return self._live.checkpoints()[0] if self._live is not None and self.spec.train else None
 
-def build_pipeline(spec: LoaderSpec, epoch: int, part_dir: Path | None = None) -> "nvidia.dali.Pipeline":  # noqa: F821
+
+def build_pipeline(spec: LoaderSpec, epoch: int, part_dir: Path | None = None,
+                   checkpoint: str | None = None) -> "nvidia.dali.Pipeline":  # noqa: F821
     """The built DALI pipeline that reads `epoch` of `spec` (exposed for benchmarks).
 
     The reader is handed exactly this rank's part: the tars it touches, in the epoch's
@@ -135,7 +150,7 @@ def build_pipeline(spec: LoaderSpec, epoch: int, part_dir: Path | None = None) -
         pipe = dali.train_pipeline(
             **common, crop=spec.crop, rrc_scale=spec.rrc_scale,
             lighting_matrix=spec.stats.lighting_matrix() if spec.lighting else None,
-            initial_fill=spec.shuffle_buffer,
+            initial_fill=spec.shuffle_buffer, enable_checkpointing=True, checkpoint=checkpoint,
         )
     elif spec.ten_crop:
         pipe = dali.ten_crop_pipeline(**common)

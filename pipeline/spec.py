@@ -205,12 +205,18 @@ def _choice(name: str, value, valid: tuple[str, ...]) -> None:
 
 
 class EpochLoader:
-    """What both backends' loaders share: `len()`, `num_samples`, and the epoch counter
-    (each pass over the loader reads `epoch`, then counts it on; `set_epoch` sets it)."""
+    """What both backends' loaders share: `len()`, `num_samples`, the epoch counter (each
+    pass over the loader reads `epoch`, then counts it on; `set_epoch` sets it), and where
+    the loader stands (`state_dict` / `load_state_dict`): the pass, the batches it has handed
+    out, and the backend's own state to continue exactly there (DALI: the pipeline's
+    checkpoint; the baseline: its deterministic position), so a resumed run reads the same
+    samples with the same augmentation as an uninterrupted one."""
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
         self.epoch = spec.epoch
+        self._pass: tuple[int, int] | None = None  # (epoch, batches handed out) while a pass runs
+        self._resume: dict | None = None
 
     def __len__(self) -> int:
         return self.spec.num_batches
@@ -225,3 +231,36 @@ class EpochLoader:
     def _next_epoch(self) -> int:
         epoch, self.epoch = self.epoch, self.epoch + 1
         return epoch
+
+    def _shape(self) -> dict:
+        s = self.spec
+        return {"rank": s.rank, "world_size": s.world_size, "batch_size": s.batch_size, "seed": s.seed,
+                "samples": s.data.num_samples, "backend": type(self).__name__}
+
+    def state_dict(self) -> dict:
+        """Where the loader stands: `epoch` (the pass to read next, or the one under way) and
+        `batch` (the batches of it already handed out), with the backend's state."""
+        if self._pass is None or self._pass[1] >= len(self):
+            epoch = self._pass[0] + 1 if self._pass is not None else self.epoch
+            return {**self._shape(), "epoch": epoch, "batch": 0, "backend_state": None}
+        epoch, batch = self._pass
+        return {**self._shape(), "epoch": epoch, "batch": batch, "backend_state": self._backend_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (of a loader of the same shape: rank, world size, batch size,
+        seed, sample count); the next pass resumes that epoch at that batch."""
+        mine = self._shape()
+        differ = [k for k in mine if state.get(k) != mine[k]]
+        if differ:
+            raise ValueError(f"loader state is for {', '.join(f'{k}={state.get(k)!r}' for k in differ)}, this loader "
+                             f"has {', '.join(f'{k}={mine[k]!r}' for k in differ)}: a saved reader position is only "
+                             "valid for the same sharding")
+        self.epoch = int(state["epoch"])
+        self._resume = state if state["batch"] else None
+
+    def _take_resume(self, epoch: int) -> dict | None:
+        resume, self._resume = self._resume, None
+        return resume if resume is not None and resume["epoch"] == epoch else None
+
+    def _backend_state(self):
+        return None

@@ -33,45 +33,86 @@ class TorchLoader(EpochLoader):
     def __iter__(self) -> Iterator[tuple]:
         spec = self.spec
         epoch = self._next_epoch()
-        if len(self):
-            spec.stage(epoch)
-        data = RankBatches(spec, epoch)
+        resume = self._take_resume(epoch)
+        self._pass = (epoch, 0)
+        if not len(self):
+            return
+        spec.stage(epoch)
         workers = spec.num_threads
+        start = resume["batch"] if resume else 0
+        data = RankBatches(spec, epoch, *resume_point(spec.num_batches, max(1, workers), start))
         loader = DataLoader(
             data, batch_size=None, num_workers=workers, pin_memory=spec.device == "cuda",
             prefetch_factor=spec.prefetch if workers else None,
         )
         device = torch.device(spec.device, spec.device_id) if spec.device == "cuda" else torch.device("cpu")
-        for images, labels, keys in loader:
-            images = images.to(device, _DTYPES[spec.dtype], non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            yield (images, labels, keys) if spec.return_keys else (images, labels)
+        done = start
+        try:
+            for images, labels, keys in loader:
+                images = images.to(device, _DTYPES[spec.dtype], non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                done += 1
+                self._pass = (epoch, done)
+                yield (images, labels, keys) if spec.return_keys else (images, labels)
+        finally:
+            if self._pass[1] < len(self):
+                self._pass = None
+
+
+def worker_runs(num_batches: int, workers: int) -> list[tuple[int, int]]:
+    """[first, last) of the batches each DataLoader worker builds: contiguous runs."""
+    return [(w * num_batches // workers, (w + 1) * num_batches // workers) for w in range(workers)]
+
+
+def resume_point(num_batches: int, workers: int, done: int) -> tuple[list[int], int]:
+    """After `done` batches of a pass: how many of its run each worker had handed out, and
+    which worker hands out the next one. A DataLoader deals an IterableDataset's items round
+    robin over its workers, skipping exhausted ones; a fresh one starts at worker 0, so the
+    resumed pass rotates the workers' roles to continue the same sequence."""
+    runs = [last - first for first, last in worker_runs(num_batches, workers)]
+    consumed = [0] * workers
+    order = [w for t in range(max(runs, default=0)) for w in range(workers) if runs[w] > t]
+    for w in order[:done]:
+        consumed[w] += 1
+    return consumed, order[done] if done < len(order) else 0
 
 
 class RankBatches(IterableDataset):
-    """The batches of one rank in one epoch; inside a DataLoader worker, that worker's run."""
+    """The batches of one rank in one epoch; inside a DataLoader worker, that worker's run.
 
-    def __init__(self, spec: LoaderSpec, epoch: int) -> None:
+    Each batch's augmentation draws from its own generator, seeded by (seed, epoch, rank,
+    batch), and the shuffle buffer from the run's, so a resumed pass can skip the batches
+    already trained (read, not decoded) and build the rest exactly as before."""
+
+    def __init__(self, spec: LoaderSpec, epoch: int, consumed: list[int] | None = None, first_role: int = 0) -> None:
         self.spec, self.epoch = spec, epoch
+        self.consumed, self.first_role = consumed, first_role
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         spec, info = self.spec, get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        role = (worker + self.first_role) % workers  # rotated on resume: see resume_point
         bounds = batch_bounds(spec)
-        first, last = worker * len(bounds) // workers, (worker + 1) * len(bounds) // workers
-        if first == last:
+        first, last = worker_runs(len(bounds), workers)[role]
+        skip = self.consumed[role] if self.consumed else 0
+        if first + skip >= last:
             return
-        rng = np.random.default_rng([spec.seed, self.epoch, spec.rank, worker])
-        samples = self._read(bounds[first][0], bounds[last - 1][1], rng)
+        samples = self._read(bounds[first][0], bounds[last - 1][1],
+                             np.random.default_rng([spec.seed, self.epoch, spec.rank, first]))
         chain = _chain(spec)
-        for lo, hi in bounds[first:last]:
+        for b in range(first, last):
+            lo, hi = bounds[b]
             batch = list(itertools.islice(samples, hi - lo))
-            images = np.stack([chain(img, rng) for img, _, _ in batch])
+            if b < first + skip:
+                continue
+            rng = np.random.default_rng([spec.seed, self.epoch, spec.rank, b, 0xA06])
+            images = np.stack([chain(_decode(data), rng) for data, _, _ in batch])
             labels = torch.tensor([label for _, label, _ in batch], dtype=torch.int64)
             yield torch.from_numpy(images), labels, [key for _, _, key in batch]
 
     def _read(self, lo: int, hi: int, rng: np.random.Generator):
-        """Samples [lo, hi) of this epoch's tar order, decoded (shuffled in a buffer in train)."""
+        """Samples [lo, hi) of this epoch's tar order as (image bytes, label, key), shuffled
+        in a buffer in train (decoding is left to the batch that uses them)."""
         order = self.spec.tar_order(self.epoch)
         counts = [self.spec.data.counts[i] for i in order]
         starts = np.concatenate([[0], np.cumsum(counts)])
@@ -84,8 +125,11 @@ class RankBatches(IterableDataset):
             stream = _buffer_shuffle(stream, self.spec.shuffle_buffer, rng)
         for sample in stream:
             data = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
-            img = Image.open(io.BytesIO(data)).convert("RGB")
-            yield img, int(sample[LABEL_EXT]), sample["__key__"]
+            yield data, int(sample[LABEL_EXT]), sample["__key__"]
+
+
+def _decode(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def batch_bounds(spec: LoaderSpec) -> list[tuple[int, int]]:
