@@ -10,8 +10,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shards", description="ImageNet -> WebDataset shards for DALI")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="pack an ImageNet tree into shards")
-    b.add_argument("--source", type=Path, required=True, help="ImageNet root (train/, val/, labels files)")
-    b.add_argument("--out", type=Path, required=True, help="output shard directory")
+    b.add_argument("--source", required=True, help="local ImageNet root (train/, val/, labels files)")
+    b.add_argument("--out", required=True,
+                   help="output shard directory, or a URI (s3://bucket/prefix; AWS_* variables for S3)")
+    b.add_argument("--work-dir", type=Path, default=None,
+                   help="remote --out only: local directory shards are packed in before upload "
+                        "(default ~/.cache/alexnet-dali/pack/<hash of --out>)")
     b.add_argument("--splits", default="train,val", help="comma-separated: train,val")
     b.add_argument("--shorter-side", type=int, default=256, help="resize the shorter side to N (never up); 0 keeps sizes")
     b.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
@@ -20,8 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of the train shuffle")
     b.add_argument("--overwrite", action="store_true", help="replace an output packed from another source/settings")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    v = sub.add_parser("verify", help="re-read every shard against the manifest")
-    v.add_argument("dir", type=Path)
+    v = sub.add_parser("verify", help="re-read every shard against the manifest and shards.parquet")
+    v.add_argument("dir", help="shard directory or URI (s3://bucket/prefix)")
     v.add_argument("--workers", type=int, default=None, help="decoder processes (default: all cores)")
     d = sub.add_parser("demo", help="write the demo ImageNet-layout tree")
     d.add_argument("--out", type=Path, required=True)
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = build(args.source, args.out, splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
                             shorter_side=args.shorter_side, quality=args.quality, workers=args.workers,
                             shard_size_mb=args.shard_size_mb, seed=args.seed, overwrite=args.overwrite,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, work_dir=args.work_dir)
             print(f"{args.out}: {summary.line()}")
             return 0
         if args.command == "verify":

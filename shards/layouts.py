@@ -14,6 +14,7 @@ CLASSES_FILE = "classes.json"
 MANIFEST_FILE = "manifest.parquet"
 REJECTS_FILE = "rejects.parquet"
 STATS_FILE = "stats.json"
+SHARDS_FILE = "shards.parquet"  # one row per shard: split, shard, bytes, samples, sha256
 # The packer's own bookkeeping (settings fingerprint, one record per completed shard).
 PACK_DIR = ".pack"
 

@@ -1,10 +1,14 @@
 """ImageNet tree -> WebDataset shards with DALI indices, manifest, rejects, classes and stats.
 
-Resumable: after each shard is published, its record (sample rows, rejects and pixel sums
-of its span of the plan) is saved under `OUT/.pack/`. A re-run with the same source and
-settings keeps the published shards, re-encodes from the end of the last one, and writes
-the same bytes as an uninterrupted run (the plan, encoding and tar headers are
-deterministic). The manifest, rejects, classes and stats files are written last.
+`out` is a path or a URI (`s3://bucket/prefix`); a remote one is packed in a local work
+directory and each shard is uploaded as soon as it is sealed (shards/output.py).
+
+Resumable: after each shard is published, its record (sample rows, rejects, pixel sums of its
+span of the plan, size and sha256 of its tar) is saved under `OUT/.pack/`. A re-run with the
+same source and settings keeps the published shards, re-encodes from the end of the last one,
+and writes the same bytes as an uninterrupted run (the plan, encoding and tar headers are
+deterministic). The set files (rejects, classes, stats, shards.parquet, then manifest.parquet)
+are written last.
 """
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,21 +29,21 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from shards.encode import Encoded, encode_job
-from shards.index import atomic_write_bytes
-from shards.layouts import (
-    CLASSES_FILE, IDX_SUFFIX, MANIFEST_FILE, PACK_DIR, REJECTS_FILE, SPLITS, STATS_FILE, TAR_SUFFIX, shard_name,
-)
+from shards.layouts import CLASSES_FILE, MANIFEST_FILE, REJECTS_FILE, SHARDS_FILE, SPLITS, STATS_FILE, shard_name
+from shards.location import is_remote, is_uri, resolve
+from shards.output import PackOutput
 from shards.sources import Item, SourceTree, discover
 from shards.stats import PixelMoments
 from shards.writer import ShardWriter
 
-STATE_FILE = "state.json"
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("label", pa.int64()),
     ("wnid", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("nbytes", pa.int64()),
     ("source", pa.string()),
 ])
 REJECTS_SCHEMA = pa.schema([("source", pa.string()), ("split", pa.string()), ("reason", pa.string())])
+SHARDS_SCHEMA = pa.schema([("split", pa.string()), ("shard", pa.string()), ("bytes", pa.int64()),
+                           ("samples", pa.int64()), ("sha256", pa.string())])
 
 
 @dataclass
@@ -50,10 +53,20 @@ class PackSummary:
     shards: int
     bytes: int
     wall_s: float
+    remote: bool = False
+    kept: int = 0  # shards already published by an earlier run
+    uploaded: int = 0  # shards uploaded by this run (remote outputs)
+    upload_bytes: int = 0
+    upload_s: float = 0.0
 
     def line(self) -> str:
-        return (f"packed {self.packed} images, rejected {self.rejected}, {self.shards} shards, "
+        text = (f"packed {self.packed} images, rejected {self.rejected}, {self.shards} shards, "
                 f"{self.bytes / 1e6:.1f} MB in {self.wall_s:.1f} s")
+        if self.remote:
+            rate = self.upload_bytes / 1e6 / self.upload_s if self.upload_s > 0 else 0.0
+            text += (f"; uploaded {self.uploaded} shards ({self.upload_bytes / 1e6:.1f} MB at {rate:.1f} MB/s), "
+                     f"{self.kept} already there")
+        return text
 
 
 def _check_settings(shorter_side: int, quality: int, workers: int | None, shard_size_mb: float,
@@ -97,55 +110,6 @@ def _fingerprint(tree: SourceTree, settings: dict) -> str:
     return h.hexdigest()
 
 
-def _clean(out: Path) -> None:
-    """Remove what a packer run writes (and nothing else)."""
-    shutil.rmtree(out / PACK_DIR, ignore_errors=True)
-    for name in (CLASSES_FILE, MANIFEST_FILE, REJECTS_FILE, STATS_FILE):
-        (out / name).unlink(missing_ok=True)
-    for split in SPLITS:
-        d = out / split
-        if d.is_dir():
-            for p in d.iterdir():
-                if p.name.endswith((TAR_SUFFIX, IDX_SUFFIX, ".tmp")):
-                    p.unlink()
-
-
-def _prepare_out(out: Path, fingerprint: str, settings: dict, overwrite: bool) -> dict | None:
-    """Check the output directory; returns the saved state when it may be resumed."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".pack-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"{out}: output not writable ({e.strerror}); fix its permissions or choose another --out") from None
-    state_path = out / PACK_DIR / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else None
-    if overwrite:
-        _clean(out)
-        return None
-    if state is not None and state["fingerprint"] != fingerprint:
-        changed = [k for k in settings if state["settings"].get(k) != settings[k]] or ["the source's file list"]
-        raise ValueError(
-            f"{out}: already holds shards packed from {state['settings']['source']} with other "
-            f"settings ({', '.join(changed)} differ); pass --overwrite to replace them or choose another --out"
-        )
-    if state is None and any(out.iterdir()):
-        raise ValueError(f"{out}: not empty and not written by the packer; pass --overwrite or choose an empty --out")
-    return state
-
-
-def _records(out: Path, split: str) -> list[dict]:
-    """Records of the split's published shards, in order (a prefix of the plan)."""
-    records = []
-    while True:
-        path = out / PACK_DIR / split / (shard_name(len(records)) + ".json")
-        tar = out / split / shard_name(len(records))
-        if not (path.is_file() and tar.is_file() and tar.with_suffix(IDX_SUFFIX).is_file()):
-            return records
-        records.append(json.loads(path.read_text()))
-
-
 def _encode_stream(jobs: list[tuple], pool: Pool | None) -> Iterator[tuple[int, Encoded | str]]:
     if pool is None or len(jobs) < 2:
         return map(encode_job, jobs)
@@ -163,15 +127,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def _pack_split(tree: SourceTree, out: Path, split: str, plan: list[Item], shorter_side: int, quality: int,
-                pool: Pool | None, limit: int, bar: tqdm, rates: dict) -> list[dict]:
-    """Encode and write the plan of one split from where the published shards end."""
-    split_dir = out / split
-    split_dir.mkdir(exist_ok=True)
-    (out / PACK_DIR / split).mkdir(parents=True, exist_ok=True)
-    for stale in split_dir.glob("*.tmp"):
-        stale.unlink()
-    records = _records(out, split)
+def _pack_split(tree: SourceTree, output: PackOutput, split: str, plan: list[Item], records: list[dict],
+                shorter_side: int, quality: int, pool: Pool | None, limit: int, bar: tqdm, rates: dict) -> list[dict]:
+    """Encode and write the plan of one split from where the published shards (`records`) end."""
+    split_dir = output.shard_dir(split)
+    records = list(records)
     start = records[-1]["end"] if records else 0
     jobs = [(str(tree.root / it.source), it.key, shorter_side, quality, split == "train") for it in plan[start:]]
     writer: ShardWriter | None = None
@@ -194,66 +154,94 @@ def _pack_split(tree: SourceTree, out: Path, split: str, plan: list[Item], short
         rates["out"] += len(res.jpeg) if not isinstance(res, str) else 0
         bar.update(1)
         bar.set_postfix_str(f"in {rates['in'] / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s, "
-                            f"out {rates['out'] / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s", refresh=False)
+                            f"out {rates['out'] / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s"
+                            + (f", uploaded {output.uploads.shards} shards" if output.remote else ""), refresh=False)
         if writer is not None and writer.nbytes >= limit:
-            records.append(_seal(out, split, writer, rec, pos + 1))
+            records.append(_seal(output, split, writer, rec, pos + 1))
             writer, rec = None, None
     if writer is not None:
-        records.append(_seal(out, split, writer, rec, len(plan)))
+        records.append(_seal(output, split, writer, rec, len(plan)))
     elif rec is not None:  # trailing rejects after the last shard: kept in a shard-less record
-        records.append({"start": rec["start"], "end": len(plan), "shard": None, "bytes": 0, "rows": [],
+        records.append({"start": rec["start"], "end": len(plan), "shard": None, "bytes": 0, "samples": 0, "rows": [],
                         "rejects": rec["rejects"], "moments": PixelMoments().to_json()})
     return records
 
 
-def _seal(out: Path, split: str, writer: ShardWriter, rec: dict, end: int) -> dict:
+def _seal(output: PackOutput, split: str, writer: ShardWriter, rec: dict, end: int) -> dict:
     size = writer.publish()
     record = {"start": rec["start"], "end": end, "shard": writer.tar_path.name, "bytes": size,
+              "samples": writer.samples, "sha256": writer.sha256,
               "rows": rec["rows"], "rejects": rec["rejects"], "moments": rec["moments"].to_json()}
-    atomic_write_bytes(out / PACK_DIR / split / (writer.tar_path.name + ".json"), json.dumps(record).encode())
+    output.commit(split, writer.tar_path, writer.idx_path, record)
     return record
 
 
-def _write_outputs(out: Path, tree: SourceTree, splits: tuple[str, ...], records: dict[str, list[dict]],
+def _parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _write_outputs(output: PackOutput, tree: SourceTree, splits: tuple[str, ...], records: dict[str, list[dict]],
                    pre_rejects: list[tuple[str, str, str]]) -> tuple[int, int, int, int]:
     rows = [r for s in splits for rec in records[s] for r in rec["rows"]]
     rejects = pre_rejects + [tuple(r) for s in splits for rec in records[s] for r in rec["rejects"]]
-    manifest = pa.Table.from_pylist([dict(zip(MANIFEST_SCHEMA.names, r)) for r in rows], schema=MANIFEST_SCHEMA)
-    rej = pa.Table.from_pylist([dict(zip(REJECTS_SCHEMA.names, r)) for r in rejects], schema=REJECTS_SCHEMA)
-    for table, name in ((manifest, MANIFEST_FILE), (rej, REJECTS_FILE)):
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        atomic_write_bytes(out / name, sink.getvalue().to_pybytes())
+    shard_rows = [(s, rec["shard"], rec["bytes"], rec["samples"], rec["sha256"])
+                  for s in splits for rec in records[s] if rec["shard"]]
+    files = {REJECTS_FILE: _parquet(pa.Table.from_pylist([dict(zip(REJECTS_SCHEMA.names, r)) for r in rejects],
+                                                         schema=REJECTS_SCHEMA))}
     classes = [{"index": i, "wnid": w, "name": tree.names.get(w, w)} for i, w in enumerate(tree.wnids)]
-    atomic_write_bytes(out / CLASSES_FILE, (json.dumps(classes, indent=1) + "\n").encode())
+    files[CLASSES_FILE] = (json.dumps(classes, indent=1) + "\n").encode()
     if "train" in splits:
         moments = PixelMoments()
         for rec in records["train"]:
             moments.add(rec["moments"]["count"], rec["moments"]["sum"], rec["moments"]["outer"])
-        atomic_write_bytes(out / STATS_FILE, (json.dumps(moments.stats(), indent=1) + "\n").encode())
-    shards = sum(1 for s in splits for rec in records[s] if rec["shard"])
+        files[STATS_FILE] = (json.dumps(moments.stats(), indent=1) + "\n").encode()
+    files[SHARDS_FILE] = _parquet(pa.Table.from_pylist([dict(zip(SHARDS_SCHEMA.names, r)) for r in shard_rows],
+                                                       schema=SHARDS_SCHEMA))
+    files[MANIFEST_FILE] = _parquet(pa.Table.from_pylist([dict(zip(MANIFEST_SCHEMA.names, r)) for r in rows],
+                                                         schema=MANIFEST_SCHEMA))
+    for name, data in files.items():  # manifest.parquet last: a reader that finds it finds the whole set
+        output.write(name, data)
+    shards = len(shard_rows)
     nbytes = sum(rec["bytes"] for s in splits for rec in records[s])
     return len(rows), len(rejects), shards, nbytes
 
 
-def build(source: Path, out: Path, splits: tuple[str, ...] = ("train", "val"), shorter_side: int = 256,
-          quality: int = 90, workers: int | None = None, shard_size_mb: float = 256, seed: int = 0,
-          overwrite: bool = False, progress: bool = True) -> PackSummary:
-    """Pack `source` (an ImageNet tree) into `out` (DESIGN.md "Shard output")."""
+def _local_source(source: str | os.PathLike) -> Path:
+    if is_remote(source):
+        raise ValueError(f"--source {source}: must be a local directory; copy the tree locally first "
+                         f"(e.g. aws s3 sync {source} /data/imagenet) and pass that path")
+    return (resolve(source).local_path() if is_uri(source) else Path(source)).resolve()
+
+
+def build(source: str | os.PathLike, out: str | os.PathLike, splits: tuple[str, ...] = ("train", "val"),
+          shorter_side: int = 256, quality: int = 90, workers: int | None = None, shard_size_mb: float = 256,
+          seed: int = 0, overwrite: bool = False, progress: bool = True,
+          work_dir: str | os.PathLike | None = None) -> PackSummary:
+    """Pack `source` (a local ImageNet tree) into `out`, a path or a URI (DESIGN.md "Shard
+    output"); a remote `out` is packed in `work_dir` (default `~/.cache/alexnet-dali/pack/...`)."""
     t0 = time.perf_counter()
     splits = tuple(splits)
     _check_settings(shorter_side, quality, workers, shard_size_mb, splits)
-    source, out = Path(source).resolve(), Path(out)
-    tree = discover(source, splits)
-    settings = {"source": str(source), "splits": list(splits), "shorter_side": shorter_side, "quality": quality,
-                "shard_size_mb": float(shard_size_mb), "seed": seed, "classes": tree.wnids}
-    fingerprint = _fingerprint(tree, settings)
-    state = _prepare_out(out, fingerprint, settings, overwrite)
-    state_path = out / PACK_DIR / STATE_FILE
-    if state is None:
-        (out / PACK_DIR).mkdir(exist_ok=True)
-        state = {"fingerprint": fingerprint, "settings": settings, "complete": False}
-        atomic_write_bytes(state_path, json.dumps(state, indent=1).encode())
+    source = _local_source(source)
+    output = PackOutput.open(out, work_dir)  # a remote out's bucket is checked here, before any work
+    try:
+        tree = discover(source, splits)
+        settings = {"source": str(source), "splits": list(splits), "shorter_side": shorter_side,
+                    "quality": quality, "shard_size_mb": float(shard_size_mb), "seed": seed, "classes": tree.wnids}
+        state = output.prepare(_fingerprint(tree, settings), settings, overwrite)
+        summary = _pack(tree, output, splits, shorter_side, quality, workers, shard_size_mb, seed, progress)
+        state["complete"] = True
+        output.save_state(state)
+    finally:
+        output.close()
+    summary.wall_s = time.perf_counter() - t0
+    return summary
+
+
+def _pack(tree: SourceTree, output: PackOutput, splits: tuple[str, ...], shorter_side: int, quality: int,
+          workers: int | None, shard_size_mb: float, seed: int, progress: bool) -> PackSummary:
     pre_rejects = [r for r in tree.rejects if r[1] in splits]
     plans = {}
     for split in splits:
@@ -261,27 +249,28 @@ def build(source: Path, out: Path, splits: tuple[str, ...] = ("train", "val"), s
         pre_rejects += label_rejects
     workers = workers or os.cpu_count() or 1
     limit = int(shard_size_mb * 1024 * 1024)
+    done = {split: output.records(split) for split in splits}
     records: dict[str, list[dict]] = {}
-    todo = sum(len(plans[s]) - (r[-1]["end"] if (r := _records(out, s)) else 0) for s in splits)
+    todo = sum(len(plans[s]) - (done[s][-1]["end"] if done[s] else 0) for s in splits)
     rates = {"in": 0, "out": 0}
     # one pool for all splits; workers die with the packer (no orphans after a SIGKILL)
     pool = mp.get_context("spawn").Pool(workers, initializer=_die_with_parent) if workers > 1 and todo > 1 else None
     try:
-        with tqdm(total=todo, unit="img", desc=f"packing {out}", disable=not progress or todo == 0,
+        with tqdm(total=todo, unit="img", desc=f"packing {output.loc.uri}", disable=not progress or todo == 0,
                   mininterval=0.5, dynamic_ncols=True) as bar:
             for split in splits:
-                records[split] = _pack_split(tree, out, split, plans[split], shorter_side, quality, pool,
-                                             limit, bar, rates)
-        counts = _write_outputs(out, tree, splits, records, pre_rejects)
+                records[split] = _pack_split(tree, output, split, plans[split], done[split], shorter_side,
+                                             quality, pool, limit, bar, rates)
+        upload_s = output.wait_uploads()  # every shard is in place before the set files
+        counts = _write_outputs(output, tree, splits, records, pre_rejects)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"{out}: disk full; free space and re-run the same command "
+            raise OSError(errno.ENOSPC, f"{output.work}: disk full; free space and re-run the same command "
                                         "(it resumes from the last complete shard)") from None
         raise
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-    state["complete"] = True
-    atomic_write_bytes(state_path, json.dumps(state, indent=1).encode())
-    return PackSummary(*counts, wall_s=time.perf_counter() - t0)
+    return PackSummary(*counts, wall_s=0.0, remote=output.remote, kept=sum(len(d) for d in done.values()),
+                       uploaded=output.uploads.shards, upload_bytes=output.uploads.bytes, upload_s=upload_s)

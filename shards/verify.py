@@ -1,24 +1,32 @@
-"""`python -m shards verify DIR`: re-read every shard against its index and the manifest.
+"""`python -m shards verify DIR|URI`: re-read every shard against its index, the manifest and
+shards.parquet.
 
-Per shard: the `.idx` must equal the index rebuilt from the tar; each indexed member is read
-at its offset, every `.jpg` must decode fully as a baseline RGB JPEG of the manifest's size
-and byte count, every `.cls` must hold the manifest's label. Every manifest row must be found
-exactly once. Problems name the shard and the key.
+Per shard: its size, sha256 and sample count must match shards.parquet (when the set has one:
+sets from other WebDataset tools do not); the `.idx` must equal the index rebuilt from the
+tar; each indexed member is read at its offset, every `.jpg` must decode fully as a baseline
+RGB JPEG of the manifest's size and byte count, every `.cls` must hold the manifest's label.
+Every manifest row must be found exactly once. Problems name the shard and the key. A remote
+set (`s3://bucket/prefix`) is read shard by shard into a temporary directory (the sha256 is
+taken on the way), so the local disk holds one shard per worker.
 """
 from __future__ import annotations
 
 import io
 import multiprocessing as mp
 import os
+import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
 from shards.index import index_bytes
-from shards.layouts import IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SPLITS, split_tars
+from shards.layouts import IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SHARDS_FILE, SPLITS, TAR_SUFFIX
+from shards.location import Location, check_reachable, resolve
+from shards.upload import read_hashed
 
 
 @dataclass
@@ -49,17 +57,50 @@ def _check_image(data: bytes) -> tuple[int, int] | str:
         return f"does not decode ({e})"
 
 
-def check_shard(job: tuple[str, str, dict[str, tuple]]) -> tuple[int, list[str], list[str]]:
-    """(samples read, problems, keys found) for one tar; `expected` maps key -> manifest row
-    fields (label, width, height, nbytes)."""
-    tar_path, where, expected = job
-    tar = Path(tar_path)
+def check_shard(job: tuple) -> tuple[int, list[str], list[str]]:
+    """(samples read, problems, keys found) for one tar (a path or a URI); `expected` maps
+    key -> manifest row fields (label, width, height, nbytes); `listed` is the shard's
+    shards.parquet row (bytes, samples, sha256) or None."""
+    tar_uri, where, expected, listed = job
+    loc = resolve(tar_uri)
+    if not loc.remote:
+        return _check_local(loc.local_path(), where, expected, listed)
+    with tempfile.TemporaryDirectory(prefix="shards-verify-") as tmp:
+        tar = Path(tmp) / loc.name
+        hashed = read_hashed(loc, copy_to=tar)
+        idx = Location(loc.uri[: -len(TAR_SUFFIX)] + IDX_SUFFIX, loc.fs, loc.path[: -len(TAR_SUFFIX)] + IDX_SUFFIX)
+        if idx.is_file():
+            idx.download(tar.with_suffix(IDX_SUFFIX))
+        n, problems, keys = _check_local(tar, where, expected, listed, hashed)
+    # name the objects, not the temporary copies
+    problems = [p.replace(str(tar.with_suffix(IDX_SUFFIX)), idx.uri).replace(str(tar), loc.uri) for p in problems]
+    return n, problems, keys
+
+
+def _check_listed(where: str, listed: tuple[int, int, str], hashed: tuple[int, str], samples: int | None) -> list[str]:
+    nbytes, count, sha256 = listed
+    problems = []
+    if hashed[0] != nbytes:
+        problems.append(f"{where}: {hashed[0]} bytes != shards.parquet {nbytes}")
+    if hashed[1] != sha256:
+        problems.append(f"{where}: sha256 {hashed[1][:16]}... != shards.parquet {sha256[:16]}... "
+                        "(the tar changed after packing: restore or re-pack it)")
+    if samples is not None and samples != count:
+        problems.append(f"{where}: {samples} samples != shards.parquet {count}")
+    return problems
+
+
+def _check_local(tar: Path, where: str, expected: dict[str, tuple], listed: tuple | None,
+                 hashed: tuple[int, str] | None = None) -> tuple[int, list[str], list[str]]:
     problems: list[str] = []
     idx = tar.with_suffix(".idx")
+    if listed is not None and hashed is None:
+        hashed = read_hashed(resolve(tar))
     try:
         rebuilt = index_bytes(tar)
     except ValueError as e:
-        return 0, [f"{where}: {e}"], []
+        problems = _check_listed(where, listed, hashed, None) if listed is not None else []
+        return 0, problems + [f"{where}: {e}"], []
     if not idx.is_file():
         problems.append(f"{where}: index {idx.name} missing (rebuild: wds2idx {tar} {idx})")
     elif idx.read_bytes() != rebuilt:
@@ -93,31 +134,50 @@ def check_shard(job: tuple[str, str, dict[str, tuple]]) -> tuple[int, list[str],
                 problems.append(f"{where} key {key}: image {size}")
             elif size != (width, height):
                 problems.append(f"{where} key {key}: image {size[0]}x{size[1]} != manifest {width}x{height}")
+    if listed is not None:
+        problems = _check_listed(where, listed, hashed, len(keys)) + problems
     return len(keys), problems, keys
 
 
-def verify(shards_dir: Path, workers: int | None = None) -> VerifyReport:
-    shards_dir = Path(shards_dir)
-    manifest_path = shards_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: not found; is {shards_dir} a shard directory (python -m shards build)?")
-    rows = pq.read_table(manifest_path, columns=["key", "split", "shard", "label", "width", "height", "nbytes"]).to_pylist()
+def _read_parquet(loc: Location, columns: list[str]) -> list[dict]:
+    return pq.read_table(loc.path, columns=columns, filesystem=loc.fs).to_pylist()
+
+
+def verify(shards_dir: str | os.PathLike, workers: int | None = None) -> VerifyReport:
+    """Check the shard set at `shards_dir` (a path or a URI)."""
+    root = resolve(shards_dir)
+    check_reachable(root)
+    manifest = root / MANIFEST_FILE
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest.uri}: not found; is {root.uri} a shard directory (python -m shards build)?")
+    rows = _read_parquet(manifest, ["key", "split", "shard", "label", "width", "height", "nbytes"])
     expected: dict[tuple[str, str], dict[str, tuple]] = defaultdict(dict)
     for r in rows:
         expected[(r["split"], r["shard"])][r["key"]] = (r["label"], r["width"], r["height"], r["nbytes"])
+    listing = root / SHARDS_FILE
+    listed = ({(r["split"], r["shard"]): (r["bytes"], r["samples"], r["sha256"])
+               for r in _read_parquet(listing, ["split", "shard", "bytes", "samples", "sha256"])}
+              if listing.is_file() else None)
     jobs = []
     for split in SPLITS:
-        for tar in split_tars(shards_dir, split):
-            jobs.append((str(tar), f"{split}/{tar.name}", expected.pop((split, tar.name), {})))
+        tars = [f.base_name for f in (root / split).list() if f.type == pafs.FileType.File
+                and f.base_name.endswith(TAR_SUFFIX) and not f.base_name.startswith(".")]
+        for name in tars:
+            where = f"{split}/{name}"
+            jobs.append(((root / split / name).uri, where, expected.pop((split, name), {}),
+                         None if listed is None else listed.pop((split, name), None)))
     report = VerifyReport(shards=len(jobs))
-    remaining = {where: set(exp) for _, where, exp in jobs}
+    if listed is not None:
+        report.problems += [f"{where}: not listed in {SHARDS_FILE}" for _, where, _, row in jobs if row is None]
+        report.problems += [f"{split}/{name}: listed in {SHARDS_FILE} but missing" for split, name in sorted(listed)]
+    remaining = {where: set(exp) for _, where, exp, _ in jobs}
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
             results = pool.map(check_shard, jobs, chunksize=1)
     else:
         results = [check_shard(j) for j in jobs]
-    for (_, where, _), (n, problems, keys) in zip(jobs, results):
+    for (_, where, _, _), (n, problems, keys) in zip(jobs, results):
         report.samples += n
         report.problems += problems
         left = remaining[where] - set(keys)
@@ -126,5 +186,5 @@ def verify(shards_dir: Path, workers: int | None = None) -> VerifyReport:
     for (split, shard), exp in sorted(expected.items()):
         report.problems += [f"{split}/{shard} key {k}: in the manifest but the shard is missing" for k in sorted(exp)][:20]
     if not jobs:
-        report.problems.append(f"{shards_dir}: no shards under train/ or val/")
+        report.problems.append(f"{root.uri}: no shards under train/ or val/")
     return report

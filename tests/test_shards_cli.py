@@ -48,7 +48,12 @@ def test_verify_names_the_corrupted_shard_and_key(demo_shards: Path, tmp_path: P
     key0, key1 = jpg_name.split(".")[0], cls_name.split(".")[0]
     assert f"val/shard-000001.tar key {key0}: image" in res.stdout
     assert f"val/shard-000001.tar key {key1}: label" in res.stdout
-    assert "FAILED: 2 problems" in res.stdout
+    assert "val/shard-000001.tar: sha256 " in res.stdout and "!= shards.parquet" in res.stdout
+    assert "FAILED: 3 problems" in res.stdout
+    # a set without shards.parquet (another tool's): the same findings, no checksum check
+    (bad / "shards.parquet").unlink()
+    res = shards_cli("verify", str(bad), "--workers", "1")
+    assert res.returncode == 1 and "sha256" not in res.stdout and "FAILED: 2 problems" in res.stdout
 
 
 def test_verify_catches_a_missing_shard_and_a_stale_index(demo_shards: Path, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The packer on the shared demo shards: counts, labels, readers, indices, stats."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import webdataset as wds
 
 from shards.index import index_bytes
-from shards.layouts import CLASSES_FILE, MANIFEST_FILE, REJECTS_FILE, STATS_FILE, split_tars
+from shards.layouts import CLASSES_FILE, MANIFEST_FILE, REJECTS_FILE, SHARDS_FILE, STATS_FILE, split_tars
 
 WDS2IDX = Path(sys.executable).parent / "wds2idx"
 
@@ -74,3 +75,19 @@ def test_stats_are_sane(demo_shards: Path) -> None:
     assert np.allclose(eigvec.T @ eigvec, np.eye(3), atol=1e-6)  # orthonormal columns
     # eigenvalues of the covariance sum to the total variance
     assert eigval.sum() == pytest.approx((std ** 2).sum(), rel=1e-6)
+
+
+def test_shards_parquet_lists_every_tar_with_its_size_hash_and_count(demo_shards: Path) -> None:
+    table = pq.read_table(demo_shards / SHARDS_FILE)
+    assert [(f.name, str(f.type)) for f in table.schema] == [
+        ("split", "string"), ("shard", "string"), ("bytes", "int64"), ("samples", "int64"), ("sha256", "string")]
+    rows = table.to_pylist()
+    tars = [(split, t) for split in ("train", "val") for t in split_tars(demo_shards, split)]
+    assert [(r["split"], r["shard"]) for r in rows] == [(split, t.name) for split, t in tars]
+    per_shard: dict[tuple[str, str], int] = {}
+    for m in pq.read_table(demo_shards / MANIFEST_FILE).to_pylist():
+        per_shard[(m["split"], m["shard"])] = per_shard.get((m["split"], m["shard"]), 0) + 1
+    for r, (split, tar) in zip(rows, tars):
+        data = tar.read_bytes()
+        assert r["bytes"] == len(data) and r["sha256"] == hashlib.sha256(data).hexdigest(), tar
+        assert r["samples"] == per_shard[(split, tar.name)]

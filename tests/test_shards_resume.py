@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from shards.layouts import CLASSES_FILE, MANIFEST_FILE, PACK_DIR, REJECTS_FILE, STATS_FILE, split_tars
+from shards.layouts import CLASSES_FILE, MANIFEST_FILE, PACK_DIR, REJECTS_FILE, SHARDS_FILE, STATS_FILE, split_tars
 from shards.pack import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_sigkilled_packer_resumes_to_the_clean_runs_output(demo_tree: Path, demo
     assert not list(out.rglob("*.tmp"))
     assert pq.read_table(out / MANIFEST_FILE).equals(pq.read_table(demo_shards / MANIFEST_FILE))
     assert pq.read_table(out / REJECTS_FILE).equals(pq.read_table(demo_shards / REJECTS_FILE))
-    for name in (STATS_FILE, CLASSES_FILE):
+    for name in (STATS_FILE, CLASSES_FILE, SHARDS_FILE):  # shards.parquet: the hashes kept in the journal
         assert (out / name).read_bytes() == (demo_shards / name).read_bytes()
 
 

@@ -1,0 +1,244 @@
+"""Where a pack goes: the output location, the packer's journal in it, and how a sealed shard
+gets there.
+
+A local `--out` is written in place, as always: shards are sealed under their final names and
+the journal record follows. A remote `--out` (`s3://bucket/prefix`, any pyarrow URI) is packed
+in a local work directory; each sealed shard is uploaded on a background thread (index, then
+tar, then its journal record as the commit marker) and deleted locally, so the local disk
+holds about one shard. The journal (`.pack/state.json`, `.pack/<split>/<shard>.json`) lives in
+the output itself, so a re-run on any machine resumes from what the store holds.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from shards.index import atomic_write_bytes
+from shards.layouts import (
+    CLASSES_FILE, IDX_SUFFIX, MANIFEST_FILE, PACK_DIR, REJECTS_FILE, SHARDS_FILE, SPLITS, STATS_FILE, TAR_SUFFIX,
+    index_name, shard_name,
+)
+from shards.location import Location, check_reachable, resolve, storage_error
+from shards.upload import Uploader, read_hashed
+
+STATE_FILE = "state.json"
+# The set files, in the order they are written after the last shard: manifest.parquet last,
+# so a reader that finds it finds the whole set.
+SET_FILES = (REJECTS_FILE, CLASSES_FILE, STATS_FILE, SHARDS_FILE, MANIFEST_FILE)
+
+
+def default_work_dir(uri: str) -> Path:
+    """`~/.cache/alexnet-dali/pack/<hash of the output URI>`: one per output, reused on re-runs."""
+    return Path.home() / ".cache" / "alexnet-dali" / "pack" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def _holds_files(loc: Location) -> bool:
+    """Whether any object lies under `loc` (empty "folder" marker objects do not count)."""
+    for f in loc.list():
+        if f.type == pafs.FileType.File or (f.type == pafs.FileType.Directory and _holds_files(loc / f.base_name)):
+            return True
+    return False
+
+
+@dataclass
+class UploadStats:
+    shards: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class PackOutput:
+    """The output of one packer run: `loc` (where the set goes) and `work` (where shards are
+    written; `loc` itself when it is local)."""
+
+    loc: Location
+    work: Path
+    uploads: UploadStats = field(default_factory=UploadStats)
+    _uploader: Uploader | None = None
+    _lock: int | None = None
+
+    @classmethod
+    def open(cls, out: str | os.PathLike, work_dir: str | os.PathLike | None = None) -> "PackOutput":
+        """Resolve `out`; for a remote one check the bucket first (one line when it cannot be
+        used) and take the work directory. Nothing is written to a local `out` yet."""
+        loc = resolve(out)
+        if not loc.remote:
+            if work_dir is not None:
+                raise ValueError(f"--work-dir is for a remote --out; {loc.uri} is local and written in place")
+            return cls(loc, loc.local_path())
+        check_reachable(loc)
+        work = Path(work_dir).expanduser().resolve() if work_dir is not None else default_work_dir(loc.uri)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            lock = os.open(work / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise PermissionError(f"{work}: work directory not writable ({e.strerror}); "
+                                  "pass another --work-dir") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise ValueError(f"{work}: another packer is using this work directory (for {loc.uri}); "
+                             "wait for it to finish or pass another --work-dir") from None
+        return cls(loc, work, _uploader=Uploader(pending=1), _lock=lock)
+
+    @property
+    def remote(self) -> bool:
+        return self.loc.remote
+
+    # ------------------------------------------------------------------ the journal
+    def prepare(self, fingerprint: str, settings: dict, overwrite: bool) -> dict:
+        """Check the output; returns the saved state when it may be resumed, else a new one
+        (saved). Other settings are refused unless `overwrite`, which clears the output."""
+        if not self.remote:
+            out = self.work
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                probe = out / ".pack-write-test"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise PermissionError(f"{out}: output not writable ({e.strerror}); fix its permissions or "
+                                      "choose another --out") from None
+        state_loc = self.loc / PACK_DIR / STATE_FILE
+        state = json.loads(state_loc.read_bytes()) if state_loc.is_file() else None
+        if overwrite:
+            self.clean()
+            state = None
+        elif state is not None and state["fingerprint"] != fingerprint:
+            changed = [k for k in settings if state["settings"].get(k) != settings[k]] or ["the source's file list"]
+            raise ValueError(
+                f"{self.loc.uri}: already holds shards packed from {state['settings']['source']} with other "
+                f"settings ({', '.join(changed)} differ); pass --overwrite to replace them or choose another --out"
+            )
+        elif state is None and (_holds_files(self.loc) if self.remote else self.loc.list()):
+            raise ValueError(f"{self.loc.uri}: not empty and not written by the packer; pass --overwrite or "
+                             "choose an empty --out")
+        if state is None:
+            state = {"fingerprint": fingerprint, "settings": settings, "complete": False}
+            self.save_state(state)
+        return state
+
+    def save_state(self, state: dict) -> None:
+        if not self.remote:
+            (self.work / PACK_DIR).mkdir(exist_ok=True)
+        (self.loc / PACK_DIR / STATE_FILE).write_bytes(json.dumps(state, indent=1).encode())
+
+    def records(self, split: str) -> list[dict]:
+        """Records of the split's published shards, in order (a prefix of the plan): a record
+        counts when its tar and index are there too."""
+        journal = {f.base_name for f in (self.loc / PACK_DIR / split).list()}
+        files = {f.base_name for f in (self.loc / split).list()}
+        names = []
+        while (name := shard_name(len(names))) + ".json" in journal and name in files and index_name(name) in files:
+            names.append(name)
+        read = lambda name: json.loads((self.loc / PACK_DIR / split / (name + ".json")).read_bytes())
+        if self.remote and len(names) > 1:
+            with ThreadPoolExecutor(16) as pool:
+                records = list(pool.map(read, names))
+        else:
+            records = [read(n) for n in names]
+        for rec in records:  # journals of packers before shards.parquet: hash the published tar once
+            rec.setdefault("samples", len(rec["rows"]))
+            if "sha256" not in rec:
+                rec["sha256"] = read_hashed(self.loc / split / rec["shard"])[1]
+        return records
+
+    # ------------------------------------------------------------------ shards
+    def shard_dir(self, split: str) -> Path:
+        """Where the split's shards are written; stale temp files (and, for a remote output,
+        shards sealed but never committed) are removed."""
+        d = self.work / split
+        d.mkdir(parents=True, exist_ok=True)
+        if not self.remote:
+            (self.work / PACK_DIR / split).mkdir(parents=True, exist_ok=True)
+        for p in d.iterdir():
+            if p.name.endswith(".tmp") or (self.remote and p.name.endswith((TAR_SUFFIX, IDX_SUFFIX))):
+                p.unlink()
+        return d
+
+    def commit(self, split: str, tar: Path, idx: Path, record: dict) -> None:
+        """Publish a sealed shard: locally its record follows it; remotely it is uploaded
+        (index, tar, record) in the background and removed from the work directory."""
+        data = json.dumps(record).encode()
+        if not self.remote:
+            atomic_write_bytes(self.work / PACK_DIR / split / (tar.name + ".json"), data)
+            return
+
+        def upload() -> None:
+            (self.loc / split / idx.name).upload(idx)
+            (self.loc / split / tar.name).upload(tar)
+            (self.loc / PACK_DIR / split / (tar.name + ".json")).write_bytes(data)
+            self.uploads.shards += 1
+            self.uploads.bytes += idx.stat().st_size + tar.stat().st_size
+            idx.unlink()
+            tar.unlink()
+
+        self._uploader.submit(upload)
+
+    def wait_uploads(self) -> float:
+        """Wait until every submitted shard is in the store; returns the seconds spent uploading."""
+        if self._uploader is None:
+            return 0.0
+        self._uploader.close()
+        return self._uploader.busy_s
+
+    def write(self, name: str, data: bytes) -> None:
+        """One set file (complete or absent)."""
+        (self.loc / name).write_bytes(data)
+
+    # ------------------------------------------------------------------ clean up
+    def clean(self) -> None:
+        """Remove what a packer run writes (and nothing else); manifest.parquet first, so no
+        reader sees a set that is being removed."""
+        if not self.remote:
+            out = self.work
+            shutil.rmtree(out / PACK_DIR, ignore_errors=True)
+            for name in reversed(SET_FILES):
+                (out / name).unlink(missing_ok=True)
+            for split in SPLITS:
+                d = out / split
+                if d.is_dir():
+                    for p in d.iterdir():
+                        if p.name.endswith((TAR_SUFFIX, IDX_SUFFIX, ".tmp")):
+                            p.unlink()
+            return
+        for name in reversed(SET_FILES):
+            (self.loc / name).delete()
+        for split in SPLITS:
+            for f in (self.loc / split).list():
+                if f.type == pafs.FileType.File and f.base_name.endswith((TAR_SUFFIX, IDX_SUFFIX)):
+                    (self.loc / split / f.base_name).delete()
+        try:
+            self.loc.fs.delete_dir((self.loc / PACK_DIR).path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise storage_error(err, (self.loc / PACK_DIR).uri) from None
+
+    def close(self) -> None:
+        """Stop the uploader (after the upload in flight, on failure) and release the work
+        directory, removing it when nothing of a shard is left in it."""
+        if self._uploader is not None:
+            self._uploader.close(raise_errors=False)
+        if self._lock is None:
+            return
+        for split in SPLITS:
+            try:
+                (self.work / split).rmdir()
+            except OSError:
+                pass  # absent, or a shard in progress (the next run removes it)
+        if not any(p.name != ".lock" for p in self.work.iterdir()):
+            (self.work / ".lock").unlink(missing_ok=True)
+            self.work.rmdir()
+        os.close(self._lock)
+        self._lock = None
+
