@@ -28,13 +28,12 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from shards.layouts import CLASSES_FILE, IDX_SUFFIX, MANIFEST_FILE, STATS_FILE, TAR_SUFFIX
+from shards.layouts import CLASSES_FILE, IDX_SUFFIX, MANIFEST_FILE, SHARDS_FILE, STATS_FILE, TAR_SUFFIX
 from shards.location import Location, StorageError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "alexnet-dali" / "shards"
-SHARDS_FILE = "shards.parquet"  # per-shard bytes, samples and sha256 (DESIGN.md "Shard output")
 META_FILES = (CLASSES_FILE, STATS_FILE, MANIFEST_FILE, SHARDS_FILE)
 _CHUNK = 8 << 20
 
@@ -182,8 +181,8 @@ class ShardCache:
             if final.is_file():
                 log.warning("%s: cached copy is truncated or corrupt; fetching it again", final)
                 final.unlink()
-            if size:
-                self._evict(size)
+            if size and not self._evict(size) and rel not in self._pinned:
+                return final  # a prefetch that does not fit beside the current pass: fetched when needed
             tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             t0 = time.perf_counter()
             try:
@@ -205,10 +204,11 @@ class ShardCache:
             return False
         return sha is None or file_sha256(path) == sha
 
-    def _evict(self, incoming: int) -> None:
-        """Delete least recently used shards until `incoming` more bytes fit under max_bytes."""
+    def _evict(self, incoming: int) -> bool:
+        """Delete least recently used shards (never the current pass's) until `incoming` more
+        bytes fit under max_bytes; False when they cannot."""
         if not self.max_bytes:
-            return
+            return True
         held = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.glob(f"*/*{TAR_SUFFIX}")]
         total = sum(s for _, s, _ in held)
         for _, size, path in sorted(held):
@@ -220,6 +220,7 @@ class ShardCache:
             path.unlink(missing_ok=True)
             self._checked.discard(rel)
             total -= size
+        return total + incoming <= self.max_bytes
 
 
 def _touch(path: Path) -> None:
