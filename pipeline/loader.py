@@ -15,6 +15,7 @@ needs that part staged on the node (`pipeline.staging`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -23,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.corrupt import CorruptSample, find_corrupt, index_samples
 from pipeline.shardset import member_key, write_part_index
 from pipeline.spec import EpochLoader, LoaderSpec, resolve
 
+log = logging.getLogger(__name__)
 _SOURCE_INFO = re.compile(r"^(.*?):(\d+):(.*)$", re.S)
 
 
@@ -73,6 +76,9 @@ class DaliLoader(EpochLoader):
         super().__init__(spec)
         self._parts = tempfile.TemporaryDirectory(prefix="alexnet-part-")  # this rank's part indexes
         self._live = None  # the iterator of the pass under way
+        self._handed: set[str] = set()  # keys handed out in the pass under way
+        self._excluded: set[str] = set()  # corrupt keys skipped in the pass under way
+        self._failed: list = []  # pipelines a decode error broke
 
     def __iter__(self) -> Iterator[tuple]:
         epoch = self._next_epoch()
@@ -80,62 +86,143 @@ class DaliLoader(EpochLoader):
         self._pass = (epoch, 0)
         if len(self) == 0:
             return
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-        from pipeline.dali import READER
-
         self.spec.stage(epoch)
-        start = resume["batch"] if resume else 0
-        pipe = build_pipeline(self.spec, epoch, Path(self._parts.name),
-                              checkpoint=resume["backend_state"] if resume else None)
-        policy = LastBatchPolicy.DROP if self.spec.train else LastBatchPolicy.PARTIAL
-        it = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER,
-                                 last_batch_policy=policy, auto_reset=False)
-        self._live = it
+        k = resume["batch"] if resume else 0
+        self._handed = set((resume or {}).get("handed") or ())
+        self._excluded = set((resume or {}).get("excluded") or ())
+        self._check_part(epoch)
+        it = self._open(epoch, resume["backend_state"] if resume and not self._excluded else None)
         device = _torch_device(self.spec)
-        left = self.num_samples - start * self.spec.batch_size
+        left = self.num_samples - k * self.spec.batch_size
         try:
-            for k in range(start, len(self)):
-                out = next(it)[0]
-                n = min(left, self.spec.batch_size)  # val: the last batch may be short
+            while k < len(self):
+                try:
+                    out = next(it)[0]
+                except RuntimeError as err:  # a sample DALI cannot decode (or read)
+                    self._failed.append(it)  # never torn down: DALI 2.4 may crash destroying it
+                    self._skip_corrupt(epoch, err)  # raises with on_corrupt="error"
+                    it = self._open(epoch, None)
+                    continue
+                except StopIteration:
+                    if not self.spec.train:  # val: skipped samples only shorten the pass
+                        break
+                    raise CorruptSample(f"{self.spec.data.uri}: rank {self.spec.rank} skipped {len(self._excluded)} "
+                                        f"corrupt samples in epoch {epoch}, more than its part can spare; re-pack "
+                                        "the shards (python -m shards verify names them)") from None
+                n = min(left, self.spec.batch_size, int(out["images"].shape[0]))
                 left -= n
                 images = out["images"][:n]
                 if self.spec.dtype == "bfloat16":
                     images = images.to(torch.bfloat16)
                 labels = parse_labels(out["labels"][:n]).to(device, non_blocking=True)
-                self._pass = (epoch, k + 1)
-                if self.spec.return_keys:
-                    yield images, labels, parse_keys(out["keys"][:n])
-                else:
-                    yield images, labels
+                keys = parse_keys(out["keys"][:n])
+                self._handed.update(keys)
+                k += 1
+                self._pass = (epoch, k)
+                yield (images, labels, keys) if self.spec.return_keys else (images, labels)
         finally:
             self._live = None
             if self._pass[1] < len(self):  # left early: the next pass is the next epoch, from its start
                 self._pass = None
-            del it, pipe
 
-    def _backend_state(self) -> str | None:
+    def _open(self, epoch: int, checkpoint: str | None):
+        """An iterator over a new pipeline for `epoch`: the rank's whole part (restored to
+        `checkpoint` when given), or, once corrupt samples were skipped, what is left of it."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        from pipeline.dali import READER
+
+        self._live = None
+        if self._excluded:
+            pipe = build_pipeline(self.spec, epoch, Path(self._parts.name), skip=self._handed | self._excluded)
+            policy = LastBatchPolicy.PARTIAL  # the skipped samples shorten the last batch
+        else:
+            pipe = build_pipeline(self.spec, epoch, Path(self._parts.name), checkpoint=checkpoint)
+            policy = LastBatchPolicy.DROP if self.spec.train else LastBatchPolicy.PARTIAL
+        self._live = DALIGenericIterator(pipe, ["images", "labels", "keys"], reader_name=READER,
+                                         last_batch_policy=policy, auto_reset=False)
+        return self._live
+
+    def _check_part(self, epoch: int) -> None:
+        """Before DALI reads a tar of this pass: one whose bytes differ from shards.parquet has
+        its images decode-checked, and a corrupt one stops the pass here (on_corrupt="error")
+        or is left out ("skip"). DALI 2.4's CPU pipeline can crash the process on an image it
+        cannot decode, so corrupt samples must not reach it."""
+        spec = self.spec
+        parts = {i: (first, end) for i, first, end in spec.part_files(epoch)}
+        for i in spec.data.unverified(list(parts)):
+            tar = str(spec.data.tars[i])
+            bad = find_corrupt(index_samples(spec.data.indexes[i], tar))  # the whole tar: ranks agree
+            if not bad and spec.on_corrupt == "error":
+                raise CorruptSample(f"{tar}: its bytes differ from shards.parquet (sha256) though its images "
+                                    f"decode; run `python -m shards verify {spec.data.uri}` and re-pack it")
+            if not bad:
+                log.warning("%s: bytes differ from shards.parquet (sha256), every image decodes; reading it", tar)
+            mine = {r.key for r in index_samples(spec.data.indexes[i], tar, *parts[i])}
+            self._exclude([r for r in bad if r.key in mine and r.key not in self._excluded], epoch)
+
+    def _exclude(self, bad: list, epoch: int) -> None:
+        spec = self.spec
+        if bad and spec.on_corrupt == "error":
+            raise CorruptSample(f"{bad[0].tar}: sample {bad[0].key!r} does not decode (a corrupt image); check "
+                                f"the set with `python -m shards verify {spec.data.uri}` and re-pack that shard, "
+                                "or pass on_corrupt='skip' to leave such samples out")
+        for ref in bad:
+            log.warning("%s: skipping sample %r: it does not decode (a corrupt image)", ref.tar, ref.key)
+            self.skipped.append({"shard": ref.tar, "key": ref.key, "epoch": epoch})
+        self._excluded.update(r.key for r in bad)
+
+    def _skip_corrupt(self, epoch: int, err: RuntimeError) -> None:
+        """Name the sample(s) that broke the pipeline; raise (on_corrupt="error") or record
+        them to be left out of the rest of the pass ("skip")."""
+        spec = self.spec
+        refs = [r for i, first, end in spec.part_files(epoch)
+                for r in index_samples(spec.data.indexes[i], str(spec.data.tars[i]), first, end)]
+        todo = [r for r in refs if r.key not in self._handed and r.key not in self._excluded]
+        reach = spec.shuffle_buffer + (spec.prefetch + 3) * spec.batch_size  # what the reader may have read
+        bad = find_corrupt(todo[:reach]) or find_corrupt(todo[reach:])
+        if not bad:
+            first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+            raise RuntimeError(f"{spec.data.uri}: the DALI pipeline failed reading rank {spec.rank}'s part of "
+                               f"epoch {epoch} ({first.strip()[:200]}); run `python -m shards verify "
+                               f"{spec.data.uri}`") from err
+        self._exclude(bad, epoch)
+
+    def _backend_state(self) -> dict | str | None:
         """DALI's checkpoint of the pipeline after the last batch handed out (reader position
-        and every random operator's state; train pipelines are built with checkpointing on)."""
+        and every random operator's state; train pipelines are built with checkpointing on).
+        A pass that skipped corrupt samples is resumed from its keys instead."""
+        if self._excluded:
+            return None
         return self._live.checkpoints()[0] if self._live is not None and self.spec.train else None
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if state["batch"] and self._excluded:
+            state.update(handed=sorted(self._handed), excluded=sorted(self._excluded))
+        return state
 
 
 def build_pipeline(spec: LoaderSpec, epoch: int, part_dir: Path | None = None,
-                   checkpoint: str | None = None) -> "nvidia.dali.Pipeline":  # noqa: F821
+                   checkpoint: str | None = None, skip: set[str] | None = None) -> "nvidia.dali.Pipeline":  # noqa: F821
     """The built DALI pipeline that reads `epoch` of `spec` (exposed for benchmarks).
 
     The reader is handed exactly this rank's part: the tars it touches, in the epoch's
     order, with the first and last one's index cut to the part's samples (written into
-    `part_dir`), as one DALI shard. The tars outside the part need not be on this node."""
+    `part_dir`), as one DALI shard. The tars outside the part need not be on this node.
+    `skip`: keys left out (the rest of a pass after corrupt samples; reseeded)."""
     from pipeline import dali
 
     tars, indexes = [], []
     for i, first, end in spec.part_files(epoch):
-        tars.append(str(spec.data.tars[i]))
         idx = spec.data.indexes[i]
-        if (first, end) != (0, spec.data.counts[i]):
+        if skip or (first, end) != (0, spec.data.counts[i]):
             part_dir = part_dir or Path(tempfile.mkdtemp(prefix="alexnet-part-"))
-            idx = write_part_index(idx, first, end, part_dir / f"e{epoch}-r{spec.rank}-t{i}.idx")
+            tag = f"-skip{len(skip)}" if skip else ""
+            idx = write_part_index(idx, first, end, part_dir / f"e{epoch}-r{spec.rank}-t{i}{tag}.idx", skip)
+            if idx is None:
+                continue
+        tars.append(str(spec.data.tars[i]))
         indexes.append(str(idx))
     common = dict(
         tars=tars, indexes=indexes, shard_id=0, num_shards=1,
@@ -143,7 +230,7 @@ def build_pipeline(spec: LoaderSpec, epoch: int, part_dir: Path | None = None,
         resize_to=spec.resize_to, mean=[255 * m for m in spec.stats.mean],
         std=[255 * s for s in spec.stats.std], dtype=spec.dtype,
         batch_size=spec.batch_size, num_threads=spec.num_threads,
-        device_id=_device_id(spec), seed=spec.epoch_seed(epoch),
+        device_id=_device_id(spec), seed=spec.epoch_seed(epoch) + (len(skip) if skip else 0),
         prefetch_queue_depth=spec.prefetch,
     )
     if spec.train:

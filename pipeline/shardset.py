@@ -16,12 +16,15 @@ from pathlib import Path
 
 from pipeline.staging import ShardCache
 from shards.index import write_index
-from shards.layouts import IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SPLITS, TAR_SUFFIX, split_tars
+from shards.layouts import (
+    IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SHARDS_FILE, SPLITS, TAR_SUFFIX, split_tars,
+)
 from shards.location import check_reachable, is_remote, resolve
 
 # Image member extensions read (ours is `jpg`; other WebDataset writers also use these).
 IMAGE_EXTS = (IMAGE_EXT, "jpeg", "png")
 DEFAULT_INDEX_CACHE = Path.home() / ".cache" / "alexnet-dali" / "idx"
+VERIFIED_DIR = Path.home() / ".cache" / "alexnet-dali" / "verified"  # stamps of tars whose sha256 matched
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
@@ -50,6 +53,24 @@ class ShardSplit:
     @property
     def remote(self) -> bool:
         return is_remote(self.uri)
+
+    def unverified(self, tar_ids: list[int]) -> list[int]:
+        """The tars among `tar_ids` whose bytes differ from what `shards.parquet` recorded at
+        pack time (rot on a disk, a bad copy). Each tar is hashed once per node: a stamp keyed
+        by its path, size and mtime remembers a good hash. Sets without `shards.parquet`
+        (other writers) and staged copies (checked when fetched) are taken as they are."""
+        if self.cache is not None:
+            return []
+        expected = _recorded_hashes(self.root)
+        if not expected:
+            return []
+        bad = []
+        for i in tar_ids:
+            tar = Path(self.tars[i])
+            want = expected.get((self.split, tar.name))
+            if want is not None and not _hash_ok(tar, want):
+                bad.append(i)
+        return bad
 
     def ensure(self, tar_ids: list[int], then: list[int] | None = None) -> None:
         """Make these tars readable locally (a no-op for local sets and for streaming); then
@@ -162,6 +183,32 @@ def stored_side(shards_dir: str | os.PathLike, split: str) -> int | None:
     return int(pc.quantile(sides, q=0.5, interpolation="lower")[0].as_py())
 
 
+def _recorded_hashes(root: Path) -> dict[tuple[str, str], str]:
+    path = root / SHARDS_FILE
+    if not path.is_file():
+        return {}
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path, columns=["split", "shard", "sha256"]).to_pylist()
+    return {(r["split"], r["shard"]): r["sha256"] for r in rows}
+
+
+def _hash_ok(tar: Path, want: str) -> bool:
+    """Whether `tar` hashes to `want`; a good result is stamped (path, size, mtime) so the
+    next pass and the next process on this node skip the read."""
+    from pipeline.staging import file_sha256
+
+    st = tar.stat()
+    stamp = VERIFIED_DIR / hashlib.sha256(f"{tar}\0{st.st_size}\0{st.st_mtime_ns}\0{want}".encode()).hexdigest()[:32]
+    if stamp.is_file():
+        return True
+    if file_sha256(tar) != want:
+        return False
+    VERIFIED_DIR.mkdir(parents=True, exist_ok=True)
+    stamp.touch()
+    return True
+
+
 def _cached_index(tar: Path, cache: Path) -> Path:
     st = tar.stat()
     digest = hashlib.sha256(f"{tar}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
@@ -210,9 +257,14 @@ def _check_index(tar: str, idx: Path, size: int) -> int:
     return count
 
 
-def write_part_index(idx: Path, first: int, end: int, out: Path) -> Path:
-    """An index listing only samples [first, end) of `idx`: DALI's reader then reads exactly
-    those (how a rank's reader is restricted to its part of the epoch)."""
+def write_part_index(idx: Path, first: int, end: int, out: Path, skip: set[str] | None = None) -> Path | None:
+    """An index listing only samples [first, end) of `idx`, less the keys in `skip`: DALI's
+    reader then reads exactly those (how a rank's reader is restricted to its part of the
+    epoch). None when nothing is left."""
     lines = idx.read_text().splitlines()[1 + first: 1 + end]
+    if skip:
+        lines = [ln for ln in lines if member_key(ln.split(" ")[3]) not in skip]
+    if not lines:
+        return None
     out.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
     return out

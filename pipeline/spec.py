@@ -43,6 +43,7 @@ EXTRA_DEFAULTS: dict = {
     "cache_dir": None,  # remote sets: node-local staging folder; None: ~/.cache/alexnet-dali/shards;
     #                     "none": stream the tars through DALI's own S3 reader (DALI backend only)
     "cache_max_gb": 0.0,  # bound on the staging folder (least recently used shards go); 0: none
+    "on_corrupt": "error",  # a sample that does not decode: "error" (one line naming shard and key) or "skip"
 }
 
 
@@ -72,6 +73,7 @@ class LoaderSpec:
     epoch: int
     device_id: int | None
     shuffle_buffer: int
+    on_corrupt: str = "error"
     part: tuple[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +151,7 @@ def resolve(shards_dir, split, batch_size, rank, world_size, device, backend, cr
     _choice("device", device, DEVICES)
     _choice("crop", opts["crop"], CROPS)
     _choice("dtype", opts["dtype"], DTYPES)
+    _choice("on_corrupt", opts["on_corrupt"], ("error", "skip"))
     for name, value in (("batch_size", batch_size), ("world_size", world_size), ("crop_size", crop_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive integer")
@@ -194,6 +197,7 @@ def resolve(shards_dir, split, batch_size, rank, world_size, device, backend, cr
         num_threads=int(threads), prefetch=max(1, int(opts["prefetch"])), dtype=opts["dtype"],
         lighting=bool(opts["lighting"]), rrc_scale=(lo, hi), epoch=int(opts["epoch"]),
         device_id=opts["device_id"], shuffle_buffer=max(1, int(opts["shuffle_buffer"])),
+        on_corrupt=opts["on_corrupt"],
     )
     spec.check_staging()
     return spec
@@ -217,6 +221,7 @@ class EpochLoader:
         self.epoch = spec.epoch
         self._pass: tuple[int, int] | None = None  # (epoch, batches handed out) while a pass runs
         self._resume: dict | None = None
+        self.skipped: list[dict] = []  # corrupt samples left out (on_corrupt="skip"): shard, key, epoch
 
     def __len__(self) -> int:
         return self.spec.num_batches

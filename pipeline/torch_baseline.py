@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,9 +21,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import torch_transforms as T
+from pipeline.corrupt import CorruptSample
 from pipeline.shardset import IMAGE_EXTS, LABEL_EXT
 from pipeline.spec import EpochLoader, LoaderSpec
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -48,7 +51,8 @@ class TorchLoader(EpochLoader):
         device = torch.device(spec.device, spec.device_id) if spec.device == "cuda" else torch.device("cpu")
         done = start
         try:
-            for images, labels, keys in loader:
+            for images, labels, keys, bad in loader:
+                self._report(bad, epoch)
                 images = images.to(device, _DTYPES[spec.dtype], non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 done += 1
@@ -57,6 +61,17 @@ class TorchLoader(EpochLoader):
         finally:
             if self._pass[1] < len(self):
                 self._pass = None
+
+    def _report(self, bad: list[tuple[str, str]], epoch: int) -> None:
+        """Samples a worker could not decode: one line and stop (on_corrupt="error"), or a
+        warning each and count them ("skip")."""
+        if bad and self.spec.on_corrupt == "error":
+            raise CorruptSample(f"{bad[0][0]}: sample {bad[0][1]!r} does not decode (a corrupt image); check the "
+                                f"set with `python -m shards verify {self.spec.data.uri}` and re-pack that shard, "
+                                "or pass on_corrupt='skip' to leave such samples out")
+        for tar, key in bad:
+            log.warning("%s: skipping sample %r: it does not decode (a corrupt image)", tar, key)
+            self.skipped.append({"shard": tar, "key": key, "epoch": epoch})
 
 
 def worker_runs(num_batches: int, workers: int) -> list[tuple[int, int]]:
@@ -106,12 +121,19 @@ class RankBatches(IterableDataset):
             if b < first + skip:
                 continue
             rng = np.random.default_rng([spec.seed, self.epoch, spec.rank, b, 0xA06])
-            images = np.stack([chain(_decode(data), rng) for data, _, _ in batch])
-            labels = torch.tensor([label for _, label, _ in batch], dtype=torch.int64)
-            yield torch.from_numpy(images), labels, [key for _, _, key in batch]
+            good, bad = [], []
+            for data, label, key, url in batch:
+                try:
+                    good.append((_decode(data), label, key))
+                except Exception:  # PIL's many decode errors: the sample is corrupt
+                    bad.append((url, key))
+            images = np.stack([chain(img, rng) for img, _, _ in good]) if good else \
+                np.zeros((0, 3, spec.crop_size, spec.crop_size), np.float32)
+            labels = torch.tensor([label for _, label, _ in good], dtype=torch.int64)
+            yield torch.from_numpy(images), labels, [key for _, _, key in good], bad
 
     def _read(self, lo: int, hi: int, rng: np.random.Generator):
-        """Samples [lo, hi) of this epoch's tar order as (image bytes, label, key), shuffled
+        """Samples [lo, hi) of this epoch's tar order as (image bytes, label, key, tar), shuffled
         in a buffer in train (decoding is left to the batch that uses them)."""
         order = self.spec.tar_order(self.epoch)
         counts = [self.spec.data.counts[i] for i in order]
@@ -125,7 +147,7 @@ class RankBatches(IterableDataset):
             stream = _buffer_shuffle(stream, self.spec.shuffle_buffer, rng)
         for sample in stream:
             data = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
-            yield data, int(sample[LABEL_EXT]), sample["__key__"]
+            yield data, int(sample[LABEL_EXT]), sample["__key__"], sample.get("__url__", "")
 
 
 def _decode(data: bytes) -> Image.Image:
