@@ -1,14 +1,23 @@
-"""Checkpoints: fixed keys, written atomically by rank 0, loaded with `weights_only=True`.
+"""Checkpoints through Ray Train: fixed keys, one complete file, loaded with `weights_only=True`.
 
-Files are `<run_dir>/checkpoints/epoch-NNNN.pt`; `epoch` inside is the number of epochs
-completed. A temp file in the same directory is renamed over the final name, so a reader
-never sees half a checkpoint even if the writer is killed mid-write.
+Saving (`report`): every rank calls `ray.train.report` (a barrier); rank 0 alone passes a
+`Checkpoint.from_directory` of a local temp folder holding `checkpoint.pt` (written under a
+temp name, fsynced, renamed). Ray uploads the folder to `<run_dir>/epoch-NNNN/` on the run's
+storage (a path or `s3://...`) and registers it in its record only after the upload
+completed; `CheckpointConfig(num_to_keep=...)` prunes the old ones.
+
+Resuming (`restore`): `ray.train.get_checkpoint()` is the newest registered checkpoint,
+the same one for every rank, after a worker-group restart and on a re-run of the same
+storage_path and name (Ray reloads its record from the run directory); `epoch` inside is
+the number of epochs completed.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
-import re
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +25,9 @@ import torch
 from torch import nn
 
 KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "config")
-_NAME = re.compile(r"^epoch-(\d{4,})\.pt$")
+FILE = "checkpoint.pt"
+
+log = logging.getLogger("train")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -33,15 +44,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def checkpoint_path(run_dir: str | Path, epoch: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"epoch-{epoch:04d}.pt"
+def dir_name(epoch: int) -> str:
+    """The checkpoint's folder under the run directory."""
+    return f"epoch-{epoch:04d}"
 
 
-def save_checkpoint(run_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, epoch: int, config: dict[str, Any], keep: int = 2) -> Path:
-    """Write epoch `epoch`'s checkpoint atomically and prune all but the newest `keep`."""
-    final = checkpoint_path(run_dir, epoch)
-    final.parent.mkdir(parents=True, exist_ok=True)
+def write_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, epoch: int, config: dict[str, Any]) -> Path:
+    """Write `folder/checkpoint.pt` with the fixed keys: a temp name, fsync, then rename, so
+    the folder never holds half a checkpoint under the final name."""
+    final = Path(folder) / FILE
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -58,22 +70,11 @@ def save_checkpoint(run_dir: str | Path, *, model: nn.Module, optimizer: torch.o
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
     return final
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint files, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load one checkpoint (weights_only=True) and check it has exactly the fixed keys."""
+    """Load one checkpoint file (weights_only=True) and check it has exactly the fixed keys."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or set(state) != set(KEYS):
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
@@ -81,7 +82,40 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
-    """The newest checkpoint in the run directory, or None when there is none."""
-    found = list_checkpoints(run_dir)
-    return load_checkpoint(found[-1]) if found else None
+def report(metrics: dict[str, Any], *, rank: int, save: bool, model: nn.Module,
+           optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, config: dict[str, Any]) -> None:
+    """`ray.train.report(metrics)` on every rank; with `save`, rank 0 attaches the checkpoint
+    of `epoch` (returns once Ray has uploaded it: CheckpointUploadMode.SYNC)."""
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            t0 = time.perf_counter()
+            path = write_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                                    config=config)
+            size_mb, t_write = path.stat().st_size / 2**20, time.perf_counter() - t0
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        t1 = time.perf_counter()
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name(epoch))
+        if rank == 0:
+            log.info("checkpoint %s: %.1f MB, written in %.2fs, reported in %.2fs (upload and barrier)",
+                     dir_name(epoch), size_mb, t_write, time.perf_counter() - t1)
+
+
+def restore() -> dict[str, Any] | None:
+    """The newest checkpoint Ray registered for this run (the same for every rank), or None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    t0 = time.perf_counter()
+    with checkpoint.as_directory() as folder:  # remote: downloaded once per node, then removed
+        state = load_checkpoint(Path(folder) / FILE)
+    log.info("checkpoint %s loaded in %.2fs", checkpoint.path.rstrip("/").rsplit("/", 1)[-1],
+             time.perf_counter() - t0)
+    return state

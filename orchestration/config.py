@@ -6,16 +6,19 @@ message is one line naming the file/key and what to do.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
+from shards.layouts import SPLITS, TAR_SUFFIX
+from shards.location import check_reachable, normalise, resolve
+
 # Keys that must be in the YAML file (the contract's keys); the rest have defaults.
 REQUIRED = ("name", "storage_path", "shards_dir", "model", "epochs", "batch_size", "workers", "use_gpu")
-# Keys holding paths: relative ones resolve against the launch cwd (Ray workers run elsewhere).
+# Keys holding locations (a path or a URI, DESIGN.md "Locations"): relative paths resolve
+# against the launch cwd (Ray workers run elsewhere); URIs stay as written.
 PATH_KEYS = ("storage_path", "shards_dir")
 
 CHOICES = {
@@ -63,6 +66,10 @@ class TrainConfig:
     crop_size: int = 224
     eval_crop: str = "center"  # center | ten_crop (the paper's test protocol)
     dali_threads: int = 0  # 0: 1 on CPU workers, 4 on GPU workers
+    # node-local cache of remote shards (s3://...): "" the loader's default folder
+    # (~/.cache/alexnet-dali/shards), "none" streams through DALI's S3 reader, else a folder
+    cache_dir: str = ""
+    cache_max_gb: float = 0.0  # the cache's size cap per node; 0: unbounded
 
     # compute
     precision: str = "fp32"  # bf16: autocast on GPU
@@ -73,9 +80,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps between logged rows
     checkpoint_every: int = 1  # epochs
-    keep_checkpoints: int = 2
-    max_failures: int = 1
-    fail_at_epoch: int = 0  # tests only: rank 0 raises once, after this epoch's checkpoint
+    keep_checkpoints: int = 2  # Ray Train's CheckpointConfig(num_to_keep): the newest N stay
+    max_failures: int = 1  # worker-group restarts (Ray Train's FailureConfig)
+    fail_at_epoch: int = 0  # tests only: every rank raises once, after this epoch's checkpoint
 
     def __post_init__(self) -> None:
         for key, choices in CHOICES.items():
@@ -88,7 +95,7 @@ class TrainConfig:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         non_negative = ("lr", "lr_base_batch", "momentum", "weight_decay", "label_smoothing",
                         "warmup_epochs", "min_lr", "plateau_patience", "dali_threads", "torch_threads",
-                        "max_failures", "fail_at_epoch")
+                        "max_failures", "fail_at_epoch", "cache_max_gb")
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
@@ -111,8 +118,9 @@ class TrainConfig:
         return self.lr * self.global_batch / self.lr_base_batch if self.lr_base_batch else self.lr
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.storage_path) / self.name
+    def run_dir(self) -> str:
+        """`<storage_path>/<name>`: a path or a URI (`s3://bucket/runs/demo`), joined with '/'."""
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,10 +166,8 @@ def from_dict(raw: dict[str, Any], origin: str = "config", base_dir: Path | None
         raise ValueError(f"{origin}: missing key(s) {', '.join(missing)} (required: {', '.join(REQUIRED)})")
     hints = get_type_hints(TrainConfig)
     values = {k: _coerce(k, v, hints[k], origin) for k, v in raw.items()}
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
     for key in PATH_KEYS:
-        if "://" not in values[key]:
-            values[key] = str((base / os.path.expanduser(values[key])).resolve())
+        values[key] = normalise(values[key], base_dir)
     try:
         return TrainConfig(**values)
     except ValueError as err:
@@ -184,13 +190,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 
 
 def check_shards(config: TrainConfig) -> None:
-    """Fail early, in one line, when the shards are not there."""
-    if "://" in config.shards_dir:
-        return
-    shards = Path(config.shards_dir)
-    for split in ("train", "val"):
-        if not (shards / split).is_dir() or not any((shards / split).glob("*.tar")):
+    """Fail early, in one line, when the shards are not there: a path or a URI (listed through
+    pyarrow.fs) whose train/ or val/ holds no .tar; a bucket that cannot be used (StorageError)."""
+    shards = resolve(config.shards_dir)
+    check_reachable(shards)
+    for split in SPLITS:
+        if not any(f.base_name.endswith(TAR_SUFFIX) for f in (shards / split).list()):
             raise FileNotFoundError(
-                f"shards_dir: {shards} has no {split}/*.tar shards; run `make shards` "
-                f"(or `python -m shards build ...`) or pass --set shards_dir=/abs/path"
+                f"shards_dir: {shards} has no {split}/*{TAR_SUFFIX} shards; run `make shards` "
+                f"(or `python -m shards build ...`) or pass --set shards_dir=/abs/path or s3://bucket/prefix"
             )

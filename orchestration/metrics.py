@@ -1,4 +1,5 @@
-"""Run outputs written by rank 0: metrics.parquet, summary.json, curves.png, state.json.
+"""Metrics written by rank 0 into the run directory (a Location: local or s3://):
+metrics.parquet and curves.png, and the summary.json figures.
 
 metrics.parquet has one row per logged step (top1/top5 null) and one per epoch (top1/top5
 set, loss = the epoch's mean train loss, images_per_s/data_wait over the epoch). On resume
@@ -6,42 +7,34 @@ the rows of epochs after the checkpoint are dropped, so a resumed run leaves one
 """
 from __future__ import annotations
 
-import json
+import io
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from shards.location import Location
 
 COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5")
 SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64())]
                    + [(c, pa.float64()) for c in COLUMNS[2:]])
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+def read_metrics(loc: Location) -> pa.Table:
+    """metrics.parquet at `loc` (a local file or an object)."""
+    return pq.read_table(pa.BufferReader(loc.read_bytes()))
 
 
 class MetricsLog:
-    """Rows of metrics.parquet, rewritten atomically on every flush (a few thousand rows at most)."""
+    """Rows of metrics.parquet, rewritten whole on every flush (one object, complete or absent;
+    a few thousand rows at most)."""
 
-    def __init__(self, run_dir: str | Path, resume_epoch: int = 0) -> None:
-        self.path = Path(run_dir) / "metrics.parquet"
+    def __init__(self, loc: Location, resume_epoch: int = 0) -> None:
+        self.loc = loc
         self.rows: list[dict[str, Any]] = []
-        if resume_epoch > 0 and self.path.is_file():
-            kept = pq.read_table(self.path).to_pylist()
-            self.rows = [r for r in kept if r["epoch"] <= resume_epoch]
+        if resume_epoch > 0 and loc.is_file():
+            self.rows = [r for r in read_metrics(loc).to_pylist() if r["epoch"] <= resume_epoch]
 
     def log_step(self, epoch: int, step: int, loss: float, lr: float, images_per_s: float,
                  data_wait: float) -> None:
@@ -58,9 +51,9 @@ class MetricsLog:
         return [r for r in self.rows if r["top1"] is not None]
 
     def flush(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pylist(self.rows, schema=SCHEMA)
-        _atomic_write(self.path, lambda p: pq.write_table(table, p))
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=SCHEMA), buf)
+        self.loc.write_bytes(buf.getvalue().to_pybytes())
 
 
 def summarize(epoch_rows: list[dict[str, Any]], *, wall_s: float, world_size: int, restarts: int) -> dict[str, Any]:
@@ -80,7 +73,7 @@ def summarize(epoch_rows: list[dict[str, Any]], *, wall_s: float, world_size: in
     }
 
 
-def plot_curves(epoch_rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+def plot_curves(epoch_rows: list[dict[str, Any]], loc: Location, title: str = "") -> None:
     """curves.png: train loss, val top-1/top-5, and data-wait share, by epoch."""
     import matplotlib
 
@@ -102,14 +95,10 @@ def plot_curves(epoch_rows: list[dict[str, Any]], path: str | Path, title: str =
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-
-
-def read_state(run_dir: str | Path) -> dict[str, Any]:
-    """state.json: how often the run started and the training seconds banked at checkpoints."""
-    path = Path(run_dir) / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else {"starts": 0, "elapsed_s": 0.0}
+    loc.write_bytes(png.getvalue())
 
 
 def fmt_pct(x: float) -> str:

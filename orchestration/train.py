@@ -28,9 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from orchestration.checkpoint import latest_checkpoint, save_checkpoint, set_rng_state, unwrap
+from orchestration import checkpoint
+from orchestration.checkpoint import set_rng_state, unwrap
 from orchestration.config import TrainConfig, check_shards, from_dict, load_config
-from orchestration.metrics import MetricsLog, fmt_pct, plot_curves, read_state, summarize, write_json
+from orchestration.metrics import MetricsLog, fmt_pct, plot_curves, summarize
+from orchestration.run_dir import (CURVES, METRICS, STATE, SUMMARY, check_storage, ray_storage, read_state,
+                                   read_summary, run_location, write_json)
+from shards.layouts import CLASSES_FILE, MANIFEST_FILE
+from shards.location import StorageError, resolve
 
 log = logging.getLogger("train")
 
@@ -220,27 +225,29 @@ def train_worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
     attempt_start = time.perf_counter()
     device = setup_compute(cfg, context.get_local_world_size())
-    run_dir = cfg.run_dir
+    run = run_location(cfg.run_dir)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 
-    # resume: every rank reads the newest checkpoint (run_dir is shared storage on clusters)
-    ckpt = latest_checkpoint(run_dir)
+    # resume: every rank loads the one checkpoint Ray hands out (its newest registered one)
+    ckpt = checkpoint.restore()
     start_epoch = ckpt["epoch"] if ckpt else 0
-    state = read_state(run_dir)
+    state = read_state(run)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if not run.remote:
+            run.mkdir()
         state = {"starts": state["starts"] + 1, "elapsed_s": state["elapsed_s"] if ckpt else 0.0}
-        write_json(run_dir / "state.json", state)
+        write_json(run / STATE, state)
         if ckpt:
-            log.info("resuming %s after epoch %d (start %d of this run)", run_dir, start_epoch, state["starts"])
+            log.info("resuming %s after epoch %d (start %d of this run)", run, start_epoch, state["starts"])
 
     # data: each rank its own part; DALI on the GPU Ray gave this worker (a logical index)
     on_gpu = device.type == "cuda"
     loader_args = dict(batch_size=cfg.batch_size, rank=rank, world_size=world_size,
                        device="cuda" if on_gpu and cfg.backend == "dali" else "cpu", backend=cfg.backend,
                        crop_size=cfg.crop_size, seed=cfg.seed,
-                       num_threads=cfg.dali_threads or (4 if on_gpu else 1))
+                       num_threads=cfg.dali_threads or (4 if on_gpu else 1),
+                       cache_dir=cfg.cache_dir or None, cache_max_gb=cfg.cache_max_gb)  # remote shards
     if on_gpu and cfg.backend == "dali":
         loader_args["device_id"] = torch.cuda.current_device()
     train_loader = make_loader(cfg.shards_dir, split="train", crop=cfg.crop, epoch=start_epoch, **loader_args)
@@ -262,7 +269,7 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             set_rng_state(ckpt["rng"])
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    metrics = MetricsLog(run_dir, resume_epoch=start_epoch) if rank == 0 else None
+    metrics = MetricsLog(run / METRICS, resume_epoch=start_epoch) if rank == 0 else None
     ctx = Ctx(cfg, device, rank, world_size, metrics)
     if rank == 0:
         log.info("%s: %d worker(s) x batch %d = %d per step, %d steps/epoch, peak lr %.4g, %d classes, %d val",
@@ -280,25 +287,29 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             metrics.log_epoch(epoch, step, train["loss"], current_lr(optimizer), train["images_per_s"],
                               train["data_wait"], val["top1"], val["top5"])
-            if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
-                save_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                                config=cfg.to_dict(), keep=cfg.keep_checkpoints)
-            state["elapsed_s"] += time.perf_counter() - attempt_start
-            attempt_start = time.perf_counter()
-            write_json(run_dir / "state.json", state)
             log.info("epoch %d/%d  train loss %.3f  val loss %.3f  top-1 %s  top-5 %s  %.0f img/s  "
                      "data-wait %s  %.0fs", epoch, cfg.epochs, train["loss"], val["val_loss"],
                      fmt_pct(val["top1"]), fmt_pct(val["top5"]), train["images_per_s"],
                      fmt_pct(train["data_wait"]), time.perf_counter() - t_epoch)
-        ray.train.report({"epoch": epoch, **train, **val})
+        # every rank reports (a barrier); rank 0 attaches the checkpoint, Ray uploads it
+        checkpoint.report({"epoch": epoch, **train, **val}, rank=rank,
+                          save=epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs, model=model,
+                          optimizer=optimizer, scheduler=scheduler, epoch=epoch, config=cfg.to_dict())
+        if rank == 0:
+            state["elapsed_s"] += time.perf_counter() - attempt_start
+            attempt_start = time.perf_counter()
+            write_json(run / STATE, state)
         if cfg.fail_at_epoch == epoch and start_epoch < epoch:
+            # fail once Ray has registered this epoch's checkpoint (a failure right after report
+            # could beat the registration, and the restart would then resume one checkpoint earlier)
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             raise RuntimeError(f"fail_at_epoch={epoch}: injected worker failure (tests only)")
 
     if rank == 0:
         rows = metrics.epoch_rows()
         summary = summarize(rows, wall_s=state["elapsed_s"], world_size=world_size, restarts=state["starts"] - 1)
-        plot_curves(rows, run_dir / "curves.png", title=f"{cfg.name}: {cfg.model}, {world_size} worker(s)")
-        write_json(run_dir / "summary.json", summary)
+        plot_curves(rows, run / CURVES, title=f"{cfg.name}: {cfg.model}, {world_size} worker(s)")
+        write_json(run / SUMMARY, summary)
 
 
 def setup_compute(cfg: TrainConfig, local_workers: int) -> torch.device:
@@ -314,18 +325,18 @@ def setup_compute(cfg: TrainConfig, local_workers: int) -> torch.device:
 
 def read_dataset_facts(shards_dir: str, val_loader) -> tuple[int, int]:
     """(number of classes, val size): classes.json and the manifest where the shard set has
-    them; otherwise the highest label is unknown, so classes.json is required."""
-    root = Path(shards_dir)
-    classes = root / "classes.json"
+    them (a path or a URI); otherwise the highest label is unknown, so classes.json is required."""
+    root = resolve(shards_dir)
+    classes = root / CLASSES_FILE
     if not classes.is_file():
         raise FileNotFoundError(f"{classes}: missing; re-pack with `python -m shards build`")
     num_classes = len(json.loads(classes.read_text()))
-    manifest = root / "manifest.parquet"
+    manifest = root / MANIFEST_FILE
     if manifest.is_file():
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        split = pq.read_table(manifest, columns=["split"]).column("split")
+        split = pq.read_table(manifest.path, filesystem=manifest.fs, columns=["split"]).column("split")
         val_size = int(pc.sum(pc.equal(split, "val")).as_py() or 0)
     else:
         val_size = int(all_reduce_sum([float(val_loader.num_samples)])[0])
@@ -354,7 +365,7 @@ def start_ray() -> None:
         ray.init(address="local", dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
 
 
-def print_summary(summary: dict, run_dir: Path) -> None:
+def print_summary(summary: dict, run_dir: str) -> None:
     print(f"top-1 {fmt_pct(summary['top1'])}  top-5 {fmt_pct(summary['top5'])}  "
           f"{summary['images_per_s']:.0f} images/s  data-wait {fmt_pct(summary['data_wait'])}  "
           f"({summary['epochs']} epochs, {summary['world_size']} worker(s), {summary['wall_s']:.0f}s training, "
@@ -364,16 +375,18 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+    try:  # everything a user can get wrong, in one line, before Ray starts
         cfg = load_config(args.config, args.set)
+        check_storage(cfg.storage_path)
         check_shards(cfg)
-    except (ValueError, FileNotFoundError) as err:
+        run = run_location(cfg.run_dir)
+        summary = read_summary(run)
+    except (ValueError, FileNotFoundError, StorageError) as err:
         raise SystemExit(f"error: {err}") from None
     print("config: " + json.dumps(cfg.to_dict()))
-    summary_path = cfg.run_dir / "summary.json"
-    if summary_path.is_file():
-        print(f"run {cfg.name} already finished (delete {cfg.run_dir} or pick another --set name=... to train again)")
-        print_summary(json.loads(summary_path.read_text()), cfg.run_dir)
+    if summary is not None:
+        print(f"run {cfg.name} already finished (delete {run} or pick another --set name=... to train again)")
+        print_summary(summary, cfg.run_dir)
         return 0
 
     import ray.train
@@ -385,16 +398,20 @@ def main(argv: list[str] | None = None) -> int:
         train_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
-        run_config=ray.train.RunConfig(storage_path=cfg.storage_path, name=cfg.name,
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, **ray_storage(cfg.storage_path),  # Ray's files and ours: one resolver
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SystemExit(f"error: training failed ({first[:300]}); re-run the same command to resume "
-                         f"from the newest checkpoint in {cfg.run_dir}/checkpoints") from None
-    print_summary(json.loads(summary_path.read_text()), cfg.run_dir)
+                         f"from the newest checkpoint Ray registered in {run}") from None
+    print_summary(read_summary(run), cfg.run_dir)
+    kept = [c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints]
+    print(f"checkpoints kept by Ray Train (newest last): {', '.join(kept)}")
     print(f"wall time of this command: {time.perf_counter() - t0:.0f}s (Ray start-up included)")
     return 0
 

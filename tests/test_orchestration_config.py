@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from orchestration.checkpoint import KEYS, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from orchestration.checkpoint import FILE, KEYS, load_checkpoint, write_checkpoint
 from orchestration.config import check_shards, load_config, parse_overrides, valid_keys
 from orchestration.metrics import MetricsLog, plot_curves, summarize
+from shards.location import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"name": "t", "storage_path": "runs", "shards_dir": "data/shards", "model": "alexnet-bn",
@@ -50,8 +51,19 @@ def test_overrides_typed_and_relative_paths_resolve_against_cwd(tmp_path: Path, 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(cfg_file, ["epochs=5", "lr=0.5", "use_gpu=true", "name=other", "shards_dir=s"])
     assert (cfg.epochs, cfg.lr, cfg.use_gpu, cfg.name) == (5, 0.5, True, "other")
-    assert cfg.shards_dir == str(tmp_path / "s") and cfg.run_dir == tmp_path / "runs" / "other"
+    assert cfg.shards_dir == str(tmp_path / "s") and cfg.run_dir == str(tmp_path / "runs" / "other")
     assert parse_overrides(["a=1", "b=x=y", "c="]) == {"a": 1, "b": "x=y", "c": ""}
+
+
+def test_uris_stay_uris_and_the_run_directory_joins_with_a_slash(tmp_path: Path) -> None:
+    cfg_file = write_yaml(tmp_path / "c.yaml", BASE)
+    cfg = load_config(cfg_file, ["storage_path=s3://b/runs/", "shards_dir=s3://b/shards", "cache_dir=none",
+                                 "cache_max_gb=20"])
+    assert (cfg.storage_path, cfg.run_dir, cfg.shards_dir) == ("s3://b/runs", "s3://b/runs/t", "s3://b/shards")
+    assert (cfg.cache_dir, cfg.cache_max_gb) == ("none", 20.0)
+    assert load_config(cfg_file, ["storage_path=s3://b"]).run_dir == "s3://b/t"
+    with pytest.raises(ValueError, match="cache_max_gb: must be >= 0"):
+        load_config(cfg_file, ["cache_max_gb=-1"])
 
 
 @pytest.mark.parametrize("values, overrides, message", [
@@ -91,35 +103,36 @@ def test_cli_errors_exit_nonzero_without_traceback(tmp_path: Path) -> None:
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
-def test_checkpoints_atomic_fixed_keys_pruned_and_safe_to_load(tmp_path: Path) -> None:
+def test_checkpoint_file_fixed_keys_complete_and_safe_to_load(tmp_path: Path) -> None:
+    """The file rank 0 puts in the folder it hands to Ray (pruning and resume are Ray's:
+    tests/test_orchestration_train.py, tests/test_orchestration_s3.py)."""
     model = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
     nn.Module.__init__(model)
     model.module = nn.Linear(3, 2)  # a DDP-shaped wrapper: saved keys must carry no `module.`
     opt = torch.optim.SGD(model.module.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
-    for epoch in (1, 2, 3):
-        save_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, epoch=epoch,
-                        config={"name": "t"}, keep=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-0002.pt", "epoch-0003.pt"]
-    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
-    state = latest_checkpoint(tmp_path)
-    assert tuple(sorted(state)) == tuple(sorted(KEYS)) and state["epoch"] == 3
+    for epoch in (1, 2):  # the second write replaces the first whole
+        path = write_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, epoch=epoch,
+                                config={"name": "t"})
+    assert path == tmp_path / FILE and [p.name for p in tmp_path.iterdir()] == [FILE]  # no temp left
+    state = load_checkpoint(path)
+    assert tuple(sorted(state)) == tuple(sorted(KEYS)) and state["epoch"] == 2
     assert set(state["model"]) == {"weight", "bias"}
     # a checkpoint that needs code to unpickle is refused (weights_only=True)
-    evil = tmp_path / "checkpoints" / "epoch-0004.pt"
+    evil = tmp_path / "evil.pt"
     torch.save({**state, "config": nn.Linear(1, 1)}, evil)
     with pytest.raises(Exception, match="weights_only|Unsupported|not allowed"):
         load_checkpoint(evil)
 
 
 def test_metrics_resume_keeps_one_row_per_epoch(tmp_path: Path) -> None:
-    log = MetricsLog(tmp_path)
+    log = MetricsLog(resolve(tmp_path / "metrics.parquet"))
     for epoch in (1, 2):
         log.log_step(epoch, epoch * 10 - 5, 1.0, 0.1, 100.0, 0.2)
         log.log_epoch(epoch, epoch * 10, 0.9, 0.1, 100.0, 0.2, 0.5, 0.9)
     log.log_step(3, 25, 1.0, 0.1, 100.0, 0.2)  # epoch 3 interrupted
     log.flush()
-    resumed = MetricsLog(tmp_path, resume_epoch=1)  # the newest checkpoint is epoch 1
+    resumed = MetricsLog(resolve(tmp_path / "metrics.parquet"), resume_epoch=1)  # the newest checkpoint: epoch 1
     assert {r["epoch"] for r in resumed.rows} == {1}
     resumed.log_epoch(2, 20, 0.8, 0.1, 120.0, 0.1, 0.6, 0.95)
     table = pq.read_table(tmp_path / "metrics.parquet")
@@ -127,5 +140,5 @@ def test_metrics_resume_keeps_one_row_per_epoch(tmp_path: Path) -> None:
     assert [r["epoch"] for r in resumed.epoch_rows()] == [1, 2]
     summary = summarize(resumed.epoch_rows(), wall_s=3.0, world_size=2, restarts=1)
     assert summary["top1"] == 0.6 and summary["images_per_s"] == 120.0 and summary["epochs"] == 2
-    plot_curves(resumed.epoch_rows(), tmp_path / "curves.png")
+    plot_curves(resumed.epoch_rows(), resolve(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,12 +2,13 @@
 (10 classes, 240 train / 50 val samples, stored shorter side 64).
 
 One embedded Ray serves every case in this module (its start-up is the cost); runs are a
-couple of epochs of a few steps at crop 64.
+couple of epochs of a few steps at crop 64. Checkpoints are Ray Train's: the run directory
+holds Ray's record (checkpoint_manager_snapshot.json) and `epoch-NNNN/checkpoint.pt` folders;
+tests read the record through Ray's own `Result.from_path` (orchestration.run_dir.ray_checkpoints).
 """
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,7 +16,9 @@ import pytest
 import yaml
 
 from orchestration import train
-from orchestration.checkpoint import KEYS, list_checkpoints, load_checkpoint
+from orchestration.checkpoint import FILE, KEYS, load_checkpoint
+from orchestration.run_dir import RAY_SNAPSHOT, ray_checkpoints
+from shards.location import resolve
 
 pytestmark = pytest.mark.slow
 
@@ -83,9 +86,11 @@ def test_two_workers_every_output_and_resume_after_worker_failure(failed_once_ru
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
 
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    ckpts = list_checkpoints(run_dir)
-    assert [p.name for p in ckpts] == ["epoch-0001.pt", "epoch-0002.pt"]
-    state = load_checkpoint(ckpts[-1])
+    assert (run_dir / RAY_SNAPSHOT).is_file()
+    assert ray_checkpoints(resolve(run_dir)) == ["epoch-0001", "epoch-0002"]  # keep_checkpoints=2
+    assert sorted(p.name for p in run_dir.glob("epoch-*")) == ["epoch-0001", "epoch-0002"]
+    assert [p.name for p in (run_dir / "epoch-0002").iterdir()] == [FILE]  # one complete file, no temp
+    state = load_checkpoint(run_dir / "epoch-0002" / FILE)
     assert set(state) == set(KEYS) and state["epoch"] == 2 and state["config"]["name"] == "tiny"
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
 
@@ -97,25 +102,27 @@ def test_two_workers_every_output_and_resume_after_worker_failure(failed_once_ru
     assert len(epoch_rows(run_dir)) == 2
 
 
-def test_rerun_resumes_a_run_killed_in_its_last_epoch(failed_once_run, tmp_path):
-    """The run directory as a kill during epoch 2 leaves it (epoch 1 checkpoint, no summary;
-    here even epoch 2's rows were written), then the same command again."""
-    config, finished = failed_once_run
-    cfg = yaml.safe_load(config.read_text())
+def test_rerun_resumes_a_run_killed_in_its_last_epoch(local_ray, demo_shards, tmp_path):
+    """A job that dies in its last epoch (after epoch 1's checkpoint, no restarts allowed)
+    leaves Ray's record with epoch 1 and no summary; the same command again (here with one
+    worker fewer) resumes from Ray's record: epoch 1 is not trained or logged twice."""
+    config = tiny_config(tmp_path, demo_shards, fail_at_epoch=1, max_failures=0)
     run_dir = tmp_path / "runs" / "tiny"
-    shutil.copytree(finished, run_dir)
-    (run_dir / "summary.json").unlink()
-    (run_dir / "checkpoints" / "epoch-0002.pt").unlink()
-    epoch1_rows = [r for r in pq.read_table(run_dir / "metrics.parquet").to_pylist() if r["epoch"] == 1]
-    config = tiny_config(tmp_path, Path(cfg["shards_dir"]), workers=1)
+    with pytest.raises(SystemExit, match="re-run the same command to resume"):
+        train.main(["--config", str(config)])
+    assert not (run_dir / "summary.json").exists()
+    assert ray_checkpoints(resolve(run_dir)) == ["epoch-0001"]
+    epoch1_rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
+    assert {r["epoch"] for r in epoch1_rows} == {1}
 
+    config = tiny_config(tmp_path, demo_shards, fail_at_epoch=1, max_failures=0, workers=1)
     assert train.main(["--config", str(config)]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["restarts"], summary["epochs"], summary["world_size"]) == (2, 2, 1)  # 2 starts before
+    assert (summary["restarts"], summary["epochs"], summary["world_size"]) == (1, 2, 1)
     rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     assert rows[: len(epoch1_rows)] == epoch1_rows  # epoch 1 is not trained (or logged) twice
     assert [r["epoch"] for r in epoch_rows(run_dir)] == [1, 2]
-    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0001.pt", "epoch-0002.pt"]
+    assert ray_checkpoints(resolve(run_dir)) == ["epoch-0001", "epoch-0002"]
 
 
 def test_exact_val_denominator_with_three_workers_and_ten_crop(local_ray, demo_shards, tmp_path):
