@@ -108,8 +108,8 @@ class Location:
         return sorted(found, key=lambda f: f.base_name)
 
     def read_bytes(self) -> bytes:
-        try:
-            with self.fs.open_input_stream(self.path) as f:
+        try:  # a random-access file reads in large ranged requests (a stream: many small ones)
+            with self.fs.open_input_file(self.path) as f:
                 return f.read()
         except FileNotFoundError:
             raise
