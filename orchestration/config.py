@@ -27,6 +27,7 @@ CHOICES = {
     "eval_crop": ("center", "ten_crop"),
     "precision": ("fp32", "bf16"),
     "backend": ("dali", "torch"),
+    "on_corrupt": ("error", "skip"),
 }
 
 
@@ -70,6 +71,7 @@ class TrainConfig:
     # (~/.cache/alexnet-dali/shards), "none" streams through DALI's S3 reader, else a folder
     cache_dir: str = ""
     cache_max_gb: float = 0.0  # the cache's size cap per node; 0: unbounded
+    on_corrupt: str = "error"  # an image that does not decode: error (one line) | skip (counted)
 
     # compute
     precision: str = "fp32"  # bf16: autocast on GPU
@@ -80,9 +82,12 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps between logged rows
     checkpoint_every: int = 1  # epochs
+    checkpoint_every_steps: int = 0  # also every N steps inside an epoch (0: epoch ends only)
+    audit_samples: bool = False  # the sample ledger <run_dir>/samples (epoch, step, rank, key)
     keep_checkpoints: int = 2  # Ray Train's CheckpointConfig(num_to_keep): the newest N stay
     max_failures: int = 1  # worker-group restarts (Ray Train's FailureConfig)
     fail_at_epoch: int = 0  # tests only: every rank raises once, after this epoch's checkpoint
+    fail_at_step: int = 0  # tests only: every rank raises once, after this global step's checkpoint
 
     def __post_init__(self) -> None:
         for key, choices in CHOICES.items():
@@ -95,7 +100,8 @@ class TrainConfig:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         non_negative = ("lr", "lr_base_batch", "momentum", "weight_decay", "label_smoothing",
                         "warmup_epochs", "min_lr", "plateau_patience", "dali_threads", "torch_threads",
-                        "max_failures", "fail_at_epoch", "cache_max_gb")
+                        "max_failures", "fail_at_epoch", "cache_max_gb", "checkpoint_every_steps",
+                        "fail_at_step")
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 
 from shards.location import Location
 
-COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5")
+COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5", "skipped_samples")
 SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64())]
-                   + [(c, pa.float64()) for c in COLUMNS[2:]])
+                   + [(c, pa.float64()) for c in COLUMNS[2:-1]] + [("skipped_samples", pa.int64())])
 
 
 def read_metrics(loc: Location) -> pa.Table:
@@ -30,21 +30,24 @@ class MetricsLog:
     """Rows of metrics.parquet, rewritten whole on every flush (one object, complete or absent;
     a few thousand rows at most)."""
 
-    def __init__(self, loc: Location, resume_epoch: int = 0) -> None:
+    def __init__(self, loc: Location, resume_epoch: int = 0, resume_step: int = 0) -> None:
+        """On a resume, the rows of what the checkpoint covers stay: epoch rows up to
+        `resume_epoch`, step rows up to `resume_step`."""
         self.loc = loc
         self.rows: list[dict[str, Any]] = []
-        if resume_epoch > 0 and loc.is_file():
-            self.rows = [r for r in read_metrics(loc).to_pylist() if r["epoch"] <= resume_epoch]
+        if resume_step > 0 and loc.is_file():
+            self.rows = [r for r in read_metrics(loc).to_pylist()
+                         if (r["epoch"] <= resume_epoch if r["top1"] is not None else r["step"] <= resume_step)]
 
     def log_step(self, epoch: int, step: int, loss: float, lr: float, images_per_s: float,
                  data_wait: float) -> None:
         self.rows.append(dict(epoch=epoch, step=step, loss=loss, lr=lr, images_per_s=images_per_s,
-                              data_wait=data_wait, top1=None, top5=None))
+                              data_wait=data_wait, top1=None, top5=None, skipped_samples=None))
 
     def log_epoch(self, epoch: int, step: int, loss: float, lr: float, images_per_s: float,
-                  data_wait: float, top1: float, top5: float) -> None:
+                  data_wait: float, top1: float, top5: float, skipped_samples: int = 0) -> None:
         self.rows.append(dict(epoch=epoch, step=step, loss=loss, lr=lr, images_per_s=images_per_s,
-                              data_wait=data_wait, top1=top1, top5=top5))
+                              data_wait=data_wait, top1=top1, top5=top5, skipped_samples=skipped_samples))
         self.flush()
 
     def epoch_rows(self) -> list[dict[str, Any]]:

@@ -17,7 +17,6 @@ if __name__ == "__main__":  # run as a script: make the project root importable
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -29,9 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestration import checkpoint
-from orchestration.checkpoint import set_rng_state, unwrap
+from orchestration.checkpoint import unwrap
 from orchestration.config import TrainConfig, check_shards, from_dict, load_config
+from orchestration.ledger import SampleLedger, rollback
 from orchestration.metrics import MetricsLog, fmt_pct, plot_curves, summarize
+from orchestration.resume import Position, StepCheckpoints, gather_rank_states, restore_rank_state
+from orchestration.schedule import LrSchedule, peak_lr
 from orchestration.run_dir import (CURVES, METRICS, STATE, SUMMARY, check_storage, ray_storage, read_state,
                                    read_summary, run_location, write_json)
 from shards.layouts import CLASSES_FILE, MANIFEST_FILE
@@ -48,28 +50,6 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0 if cfg.model == "alexnet-bn" else cfg.weight_decay}]
     return torch.optim.SGD(groups, lr=cfg.peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-
-
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Per-step LambdaLR (warm-up, then constant/cosine/step), or ReduceLROnPlateau per epoch."""
-    if cfg.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    total = cfg.epochs * steps_per_epoch
-    floor = cfg.min_lr / cfg.peak_lr if cfg.peak_lr else 0.0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "cosine":
-            t = (step - warmup) / max(1, total - warmup)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        if cfg.schedule == "step":
-            return cfg.step_factor ** (step // (cfg.step_epochs * steps_per_epoch))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -107,15 +87,16 @@ class Ctx:
 
 # ---------------------------------------------------------------- one epoch
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler, epoch: int, step: int, ctx: Ctx) -> tuple[dict[str, float], int]:
-    """Train one pass over `loader`; returns the epoch's figures and the global step after it.
+                    schedule: LrSchedule, epoch: int, pos: Position, ctx: Ctx,
+                    hooks: StepCheckpoints) -> dict[str, float]:
+    """Train the rest of one pass over `loader` (all of it, or from `pos.epoch_step` on a
+    resume); `pos` counts on in place. Returns the figures of the steps trained here.
 
     Data-wait is the time blocked in `next(loader)` over the whole step time (wait + compute);
     images/s and data-wait are summed over ranks at each logged step (one all_reduce).
     """
     cfg = ctx.cfg
     model.train()
-    per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
                               and ctx.device.type == "cuda")
     window = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, samples
@@ -132,28 +113,30 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         images, labels = batch[0].to(ctx.device, non_blocking=True), batch[1].to(ctx.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        schedule.before_step(pos.epoch, pos.epoch_samples)
         with autocast:
             loss = criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if per_step_schedule:
-            scheduler.step()
-        step += 1
+        pos.step += 1
+        pos.epoch_step += 1
+        pos.samples += cfg.batch_size * ctx.world_size
+        pos.epoch_samples += cfg.batch_size * ctx.world_size
         window += torch.stack([loss.detach().double() * labels.numel(),
                                torch.tensor(labels.numel(), dtype=torch.float64, device=ctx.device)])
         win_wait += t1 - t0
         win_images += labels.numel()
-        if step % cfg.log_every == 0 or win_images >= len(loader) * cfg.batch_size:
+        if pos.step % cfg.log_every == 0 or pos.epoch_step == len(loader):
             loss_sum, n = window.tolist()  # syncs the device: the step times below are real
             win_time += time.perf_counter() - t0
             sums = all_reduce_sum([loss_sum, n, win_wait, win_time, win_images])
             _add(epoch_tot, sums)
             figures = _rates(sums, ctx.world_size)
             if ctx.log_rows is not None:
-                ctx.log_rows.log_step(epoch, step, figures["loss"], current_lr(optimizer),
+                ctx.log_rows.log_step(epoch, pos.step, figures["loss"], current_lr(optimizer),
                                       figures["images_per_s"], figures["data_wait"])
-                log.info("epoch %d step %d  loss %.4f  lr %.5f  %.0f img/s  data-wait %s", epoch, step,
+                log.info("epoch %d step %d  loss %.4f  lr %.5f  %.0f img/s  data-wait %s", epoch, pos.step,
                          figures["loss"], current_lr(optimizer), figures["images_per_s"],
                          fmt_pct(figures["data_wait"]))
             window.zero_()
@@ -161,10 +144,11 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
             win_images = 0
         else:
             win_time += time.perf_counter() - t0
+        hooks.after_step(epoch, pos, batch[2], len(loader))
     if win_images:  # a tail shorter than log_every (not logged as a row, counted in the epoch)
         loss_sum, n = window.tolist()
         _add(epoch_tot, all_reduce_sum([loss_sum, n, win_wait, win_time, win_images]))
-    return _rates(epoch_tot, ctx.world_size), step
+    return _rates(epoch_tot, ctx.world_size)
 
 
 def _add(total: list[float], more: list[float]) -> None:
@@ -189,6 +173,7 @@ def evaluate(model: nn.Module, loader, val_size: int, ctx: Ctx) -> dict[str, flo
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.cfg.precision == "bf16"
                               and ctx.device.type == "cuda")
     sums = torch.zeros(4, dtype=torch.float64)
+    skipped_before = len(loader.skipped)
     for batch in loader:
         images, labels = batch[0].to(ctx.device, non_blocking=True), batch[1].to(ctx.device, non_blocking=True)
         if labels.numel() == 0:
@@ -205,9 +190,10 @@ def evaluate(model: nn.Module, loader, val_size: int, ctx: Ctx) -> dict[str, flo
         hits = top == labels[:, None]
         sums += torch.tensor([loss.item(), hits[:, 0].sum().item(), hits.any(dim=1).sum().item(),
                               labels.numel()], dtype=torch.float64)
-    loss_sum, top1, top5, count = all_reduce_sum(sums.tolist())
-    assert int(count) == val_size, f"evaluated {int(count)} val samples, the val split holds {val_size}"
-    return {"val_loss": loss_sum / count, "top1": top1 / count, "top5": top5 / count}
+    loss_sum, top1, top5, count, skipped = all_reduce_sum(sums.tolist() + [len(loader.skipped) - skipped_before])
+    assert int(count + skipped) == val_size, (f"evaluated {int(count)} val samples and skipped {int(skipped)} "
+                                              f"corrupt ones, the val split holds {val_size}")
+    return {"val_loss": loss_sum / count, "top1": top1 / count, "top5": top5 / count, "val_skipped": skipped}
 
 
 # ---------------------------------------------------------------- the per-worker function
@@ -231,15 +217,19 @@ def train_worker(config: dict) -> None:
 
     # resume: every rank loads the one checkpoint Ray hands out (its newest registered one)
     ckpt = checkpoint.restore()
-    start_epoch = ckpt["epoch"] if ckpt else 0
+    pos = Position.of(ckpt)
     state = read_state(run)
     if rank == 0:
         if not run.remote:
             run.mkdir()
-        state = {"starts": state["starts"] + 1, "elapsed_s": state["elapsed_s"] if ckpt else 0.0}
+        state = {"starts": state["starts"] + 1, "elapsed_s": state["elapsed_s"] if ckpt else 0.0,
+                 "resumed_at": state.get("resumed_at", []) + ([pos.step] if ckpt else [])}
         write_json(run / STATE, state)
+        rollback(run, pos.step, attempt=state["starts"])  # ledger rows of steps the restart undid
         if ckpt:
-            log.info("resuming %s after epoch %d (start %d of this run)", run, start_epoch, state["starts"])
+            log.info("resuming %s at step %d (epoch %d + %d steps; start %d of this run)", run, pos.step,
+                     pos.epoch, pos.epoch_step, state["starts"])
+    attempt = all_reduce_sum([float(state["starts"]) if rank == 0 else 0.0])[0]
 
     # data: each rank its own part; DALI on the GPU Ray gave this worker (a logical index)
     on_gpu = device.type == "cuda"
@@ -247,14 +237,17 @@ def train_worker(config: dict) -> None:
                        device="cuda" if on_gpu and cfg.backend == "dali" else "cpu", backend=cfg.backend,
                        crop_size=cfg.crop_size, seed=cfg.seed,
                        num_threads=cfg.dali_threads or (4 if on_gpu else 1),
-                       cache_dir=cfg.cache_dir or None, cache_max_gb=cfg.cache_max_gb)  # remote shards
+                       cache_dir=cfg.cache_dir or None, cache_max_gb=cfg.cache_max_gb,  # remote shards
+                       on_corrupt=cfg.on_corrupt)
     if on_gpu and cfg.backend == "dali":
         loader_args["device_id"] = torch.cuda.current_device()
-    train_loader = make_loader(cfg.shards_dir, split="train", crop=cfg.crop, epoch=start_epoch, **loader_args)
+    train_loader = make_loader(cfg.shards_dir, split="train", crop=cfg.crop, epoch=pos.epoch, return_keys=True,
+                               **loader_args)
     val_loader = make_loader(cfg.shards_dir, split="val", ten_crop=cfg.eval_crop == "ten_crop", **loader_args)
     num_classes, val_size = read_dataset_facts(cfg.shards_dir, val_loader)
 
-    # model and optimiser
+    # model and optimiser; the lr schedule runs on samples seen, whatever the shape
+    global_batch = cfg.batch_size * world_size
     model = build_model(cfg.model, num_classes=num_classes)
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -262,44 +255,63 @@ def train_worker(config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(cfg, unwrap(model))
-    scheduler = make_scheduler(cfg, optimizer, len(train_loader))
+    schedule = LrSchedule(cfg, optimizer, global_batch, train_loader.spec.data.num_samples)
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if rank == 0:
-            set_rng_state(ckpt["rng"])
+        schedule.load_state_dict(ckpt["scheduler"])
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    metrics = MetricsLog(run / METRICS, resume_epoch=start_epoch) if rank == 0 else None
+    metrics = MetricsLog(run / METRICS, resume_epoch=pos.epoch, resume_step=pos.step) if rank == 0 else None
     ctx = Ctx(cfg, device, rank, world_size, metrics)
+    ledger = SampleLedger(run, rank, int(attempt), cfg.audit_samples)
     if rank == 0:
         log.info("%s: %d worker(s) x batch %d = %d per step, %d steps/epoch, peak lr %.4g, %d classes, %d val",
-                 cfg.model, world_size, cfg.batch_size, cfg.global_batch, len(train_loader), cfg.peak_lr,
-                 num_classes, val_size)
+                 cfg.model, world_size, cfg.batch_size, global_batch, len(train_loader),
+                 peak_lr(cfg, global_batch), num_classes, val_size)
 
-    step = start_epoch * len(train_loader)
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+    def save(at: Position, metrics_row: dict, epoch_end: bool = False) -> None:
+        """A checkpoint of the run as it stands, every rank taking part (see orchestration.resume)."""
+        ledger.commit()  # before the report: every row of a registered checkpoint is on storage
+        if metrics is not None:
+            metrics.flush()
+        ranks = gather_rank_states(rank, world_size, train_loader)
+        at.world_size, at.batch_size = world_size, cfg.batch_size
+        checkpoint.report(metrics_row, rank=rank, save=True, model=model, optimizer=optimizer,
+                          scheduler=schedule, epoch=at.epoch, config=cfg.to_dict(),
+                          step=None if epoch_end else at.step, position=at.to_dict(), ranks=ranks)
+
+    hooks = StepCheckpoints(cfg, ledger, save, resumed_step=pos.step)
+    # last before the loop (building the model draws from the RNGs): loader position and RNGs
+    if not restore_rank_state(ckpt, rank, world_size, cfg.batch_size, train_loader):
+        pos.epoch_step = 0  # the epoch's data starts afresh (a new shape, or an epoch-end checkpoint)
+    for epoch in range(pos.epoch + 1, cfg.epochs + 1):
         t_epoch = time.perf_counter()
-        train_loader.set_epoch(epoch - 1)
-        train, step = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, epoch, step, ctx)
+        if pos.epoch_step == 0:
+            train_loader.set_epoch(epoch - 1)
+        skipped_before = len(train_loader.skipped)
+        train = train_one_epoch(model, train_loader, criterion, optimizer, schedule, epoch, pos, ctx, hooks)
         val = evaluate(model, val_loader, val_size, ctx)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val["top1"])
+        skipped = int(all_reduce_sum([len(train_loader.skipped) - skipped_before])[0] + val.pop("val_skipped"))
+        schedule.after_epoch(val["top1"])
+        pos.epoch, pos.epoch_step, pos.epoch_samples = epoch, 0, 0
         if rank == 0:
-            metrics.log_epoch(epoch, step, train["loss"], current_lr(optimizer), train["images_per_s"],
-                              train["data_wait"], val["top1"], val["top5"])
+            metrics.log_epoch(epoch, pos.step, train["loss"], current_lr(optimizer), train["images_per_s"],
+                              train["data_wait"], val["top1"], val["top5"], skipped)
             log.info("epoch %d/%d  train loss %.3f  val loss %.3f  top-1 %s  top-5 %s  %.0f img/s  "
                      "data-wait %s  %.0fs", epoch, cfg.epochs, train["loss"], val["val_loss"],
                      fmt_pct(val["top1"]), fmt_pct(val["top5"]), train["images_per_s"],
                      fmt_pct(train["data_wait"]), time.perf_counter() - t_epoch)
         # every rank reports (a barrier); rank 0 attaches the checkpoint, Ray uploads it
-        checkpoint.report({"epoch": epoch, **train, **val}, rank=rank,
-                          save=epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs, model=model,
-                          optimizer=optimizer, scheduler=scheduler, epoch=epoch, config=cfg.to_dict())
+        row = {"epoch": epoch, "step": pos.step, **train, **val}
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            save(pos, row, epoch_end=True)
+        else:
+            checkpoint.report(row, rank=rank, save=False, model=model, optimizer=optimizer, scheduler=None,
+                              epoch=epoch, config={})
         if rank == 0:
             state["elapsed_s"] += time.perf_counter() - attempt_start
             attempt_start = time.perf_counter()
             write_json(run / STATE, state)
-        if cfg.fail_at_epoch == epoch and start_epoch < epoch:
+        if cfg.fail_at_epoch == epoch and Position.of(ckpt).epoch < epoch:
             # fail once Ray has registered this epoch's checkpoint (a failure right after report
             # could beat the registration, and the restart would then resume one checkpoint earlier)
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
@@ -308,6 +320,7 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         rows = metrics.epoch_rows()
         summary = summarize(rows, wall_s=state["elapsed_s"], world_size=world_size, restarts=state["starts"] - 1)
+        summary.update(resumed_at=state["resumed_at"], skipped_samples=sum(r["skipped_samples"] or 0 for r in rows))
         plot_curves(rows, run / CURVES, title=f"{cfg.name}: {cfg.model}, {world_size} worker(s)")
         write_json(run / SUMMARY, summary)
 

@@ -132,13 +132,37 @@ def test_metrics_resume_keeps_one_row_per_epoch(tmp_path: Path) -> None:
         log.log_epoch(epoch, epoch * 10, 0.9, 0.1, 100.0, 0.2, 0.5, 0.9)
     log.log_step(3, 25, 1.0, 0.1, 100.0, 0.2)  # epoch 3 interrupted
     log.flush()
-    resumed = MetricsLog(resolve(tmp_path / "metrics.parquet"), resume_epoch=1)  # the newest checkpoint: epoch 1
+    # the newest checkpoint: epoch 1's end (step 10)
+    resumed = MetricsLog(resolve(tmp_path / "metrics.parquet"), resume_epoch=1, resume_step=10)
     assert {r["epoch"] for r in resumed.rows} == {1}
+    # a step checkpoint inside epoch 2 (step 17): the step rows up to it stay, not epoch 2's row
+    mid = MetricsLog(resolve(tmp_path / "metrics.parquet"), resume_epoch=1, resume_step=17)
+    assert [(r["epoch"], r["step"], r["top1"] is None) for r in mid.rows] == [(1, 5, True), (1, 10, False),
+                                                                               (2, 15, True)]
     resumed.log_epoch(2, 20, 0.8, 0.1, 120.0, 0.1, 0.6, 0.95)
     table = pq.read_table(tmp_path / "metrics.parquet")
-    assert table.column_names == ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5"]
+    assert table.column_names == ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5",
+                                  "skipped_samples"]
     assert [r["epoch"] for r in resumed.epoch_rows()] == [1, 2]
     summary = summarize(resumed.epoch_rows(), wall_s=3.0, world_size=2, restarts=1)
     assert summary["top1"] == 0.6 and summary["images_per_s"] == 120.0 and summary["epochs"] == 2
     plot_curves(resumed.epoch_rows(), resolve(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lr_schedule_is_a_function_of_epochs_as_a_fraction() -> None:
+    from orchestration.config import from_dict
+    from orchestration.schedule import lr_at, peak_lr
+
+    cfg = from_dict({"name": "t", "storage_path": "/tmp/r", "shards_dir": "/tmp/s", "model": "alexnet", "epochs": 4,
+                     "batch_size": 8, "workers": 2, "use_gpu": False, "lr": 0.1, "warmup_epochs": 1.0,
+                     "schedule": "cosine", "lr_base_batch": 32})
+    assert peak_lr(cfg, 16) == pytest.approx(0.05) and peak_lr(cfg, 64) == pytest.approx(0.2)
+    # warm-up: the step that completes the first quarter of epoch 1 trains at a quarter of the peak
+    assert lr_at(cfg, 32, 0.0, 0.25) == pytest.approx(0.025)
+    assert lr_at(cfg, 32, 0.75, 0.25) == pytest.approx(0.1)  # the step that ends the warm-up
+    # cosine over the 3 epochs after it: half-way (epoch 2.5) is half the peak, the end is 0
+    assert lr_at(cfg, 32, 2.5, 0.25) == pytest.approx(0.05)
+    assert lr_at(cfg, 32, 4.0, 0.25) == pytest.approx(0.0, abs=1e-12)
+    # the same point of the curve with another shape: only the peak follows the global batch
+    assert lr_at(cfg, 16, 2.5, 0.125) == pytest.approx(0.025)

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from orchestration import train
-from orchestration.checkpoint import FILE, KEYS
+from orchestration.checkpoint import EXTRA_KEYS, FILE, KEYS
 from orchestration.run_dir import RAY_SNAPSHOT, ray_checkpoints
 from shards.location import resolve
 
@@ -122,7 +122,7 @@ def test_run_on_s3_resumes_from_the_bucket_and_leaves_its_outputs_there(s3_run, 
     assert [f.base_name for f in (run / "epoch-0002").list()] == [FILE]
     with run.fs.open_input_file((run / "epoch-0002" / FILE).path) as f:
         state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    assert set(state) == set(KEYS) and state["epoch"] == 2 and state["config"]["storage_path"].startswith("s3://")
+    assert set(state) == set(KEYS) | set(EXTRA_KEYS) and state["epoch"] == 2 and state["config"]["storage_path"].startswith("s3://")
     assert not (Path.cwd() / "s3:").exists() and not os.path.exists("s3:")  # no local copy of the URI
 
 

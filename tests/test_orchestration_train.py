@@ -16,15 +16,16 @@ import pytest
 import yaml
 
 from orchestration import train
-from orchestration.checkpoint import FILE, KEYS, load_checkpoint
+from orchestration.checkpoint import EXTRA_KEYS, FILE, KEYS, load_checkpoint
 from orchestration.run_dir import RAY_SNAPSHOT, ray_checkpoints
 from shards.location import resolve
 
 pytestmark = pytest.mark.slow
 
 VAL_SIZE = 50
-SUMMARY_KEYS = {"top1", "top5", "images_per_s", "data_wait", "wall_s", "world_size", "epochs", "restarts"}
-COLUMNS = ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5"]
+SUMMARY_KEYS = {"top1", "top5", "images_per_s", "data_wait", "wall_s", "world_size", "epochs", "restarts",
+                "resumed_at", "skipped_samples"}
+COLUMNS = ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5", "skipped_samples"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,7 @@ def test_two_workers_every_output_and_resume_after_worker_failure(failed_once_ru
     assert_exact_fraction(summary["top5"])
     assert summary["images_per_s"] > 0 and 0 <= summary["data_wait"] <= 1 and summary["wall_s"] > 0
     assert (summary["world_size"], summary["epochs"], summary["restarts"]) == (2, 2, 1)
+    assert summary["resumed_at"] == [3] and summary["skipped_samples"] == 0  # from epoch 1's end (3 steps)
 
     table = pq.read_table(run_dir / "metrics.parquet")
     assert table.column_names == COLUMNS
@@ -91,7 +93,8 @@ def test_two_workers_every_output_and_resume_after_worker_failure(failed_once_ru
     assert sorted(p.name for p in run_dir.glob("epoch-*")) == ["epoch-0001", "epoch-0002"]
     assert [p.name for p in (run_dir / "epoch-0002").iterdir()] == [FILE]  # one complete file, no temp
     state = load_checkpoint(run_dir / "epoch-0002" / FILE)
-    assert set(state) == set(KEYS) and state["epoch"] == 2 and state["config"]["name"] == "tiny"
+    assert set(state) == set(KEYS) | set(EXTRA_KEYS) and state["epoch"] == 2 and state["config"]["name"] == "tiny"
+    assert [r["loader"]["epoch"] for r in state["ranks"]] == [2, 2] and state["position"]["step"] == 2 * 3
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
 
     # the same command again: says the run is finished, trains nothing, exits 0

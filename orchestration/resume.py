@@ -1,0 +1,106 @@
+"""Resume at any step: where the run stands and what every rank needs to go on exactly.
+
+A checkpoint (epoch end, or every `checkpoint_every_steps` inside an epoch) holds, besides
+the fixed keys written by rank 0 (model, optimizer, scheduler, epoch, rng, config):
+
+- `position`: `epoch` (epochs completed), `epoch_step` (steps done in the next one), `step`
+  (global), `samples` / `epoch_samples` (train samples seen, all ranks: in all, and in the
+  current epoch), and the shape that took them
+  (`world_size`, `batch_size`);
+- `ranks`: one entry per rank, gathered to rank 0 with one collective: its loader's state
+  (DALI's pipeline checkpoint: reader position and every random operator's state; the
+  baseline's position) and its RNGs (torch CPU and CUDA, Python).
+
+Restored with the same world size and batch size, every rank continues with the same
+samples in the same steps and the same augmentation and dropout as an uninterrupted run. With
+another shape the model, optimizer and schedule continue (the schedule is defined on
+samples, `orchestration.schedule`) and one log line says so; a saved reader position is only
+valid for the same sharding, so the interrupted epoch's data then restarts (see the README).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from orchestration.checkpoint import rng_state, set_rng_state
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class Position:
+    """Where the run stands: what a checkpoint records and a restart resumes from."""
+
+    epoch: int = 0  # epochs completed
+    epoch_step: int = 0  # steps done in epoch `epoch + 1`
+    step: int = 0  # global step
+    samples: int = 0  # train samples seen (all ranks)
+    epoch_samples: int = 0  # of which in epoch `epoch + 1`
+    world_size: int = 0
+    batch_size: int = 0
+
+    @classmethod
+    def of(cls, ckpt: dict[str, Any] | None) -> "Position":
+        if ckpt is None:
+            return cls()
+        if "position" in ckpt:
+            return cls(**ckpt["position"])
+        return cls(epoch=ckpt["epoch"])  # an epoch checkpoint without a position
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def gather_rank_states(rank: int, world_size: int, loader) -> list[dict[str, Any]] | None:
+    """Every rank's loader state and RNGs, on rank 0 (None elsewhere): one gather_object."""
+    mine = {"loader": loader.state_dict(), "rng": rng_state()}
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out = [None] * world_size if rank == 0 else None
+    dist.gather_object(mine, out, dst=0)
+    return out
+
+
+def restore_rank_state(ckpt: dict[str, Any] | None, rank: int, world_size: int, batch_size: int,
+                       loader) -> bool:
+    """Put this rank's loader and RNGs where the checkpoint left them; True when the loader
+    continues mid-epoch exactly (same shape), False when it starts its epoch afresh."""
+    if ckpt is None:
+        return False
+    pos = Position.of(ckpt)
+    ranks = ckpt.get("ranks")
+    same = ranks is not None and pos.world_size == world_size and pos.batch_size == batch_size
+    if not same:
+        if rank == 0 and ranks is not None:
+            log.info("resuming with %d worker(s) x batch %d, the checkpoint was taken with %d x %d: model, "
+                     "optimizer and lr schedule continue; epoch %d's data restarts from its start",
+                     world_size, batch_size, pos.world_size, pos.batch_size, pos.epoch + 1)
+        if rank == 0:
+            set_rng_state(ckpt["rng"])
+        return False
+    set_rng_state(ranks[rank]["rng"])
+    loader.load_state_dict(ranks[rank]["loader"])
+    return pos.epoch_step > 0
+
+
+class StepCheckpoints:
+    """After every step: the ledger's rows, and every `checkpoint_every_steps` steps inside an
+    epoch a step checkpoint (all ranks: ledger commit, states gathered, one report)."""
+
+    def __init__(self, cfg, ledger, save, resumed_step: int) -> None:
+        self.every, self.fail_at = cfg.checkpoint_every_steps, cfg.fail_at_step
+        self.ledger, self.save, self.resumed_step = ledger, save, resumed_step
+
+    def after_step(self, epoch: int, pos: Position, keys: list[str], steps_in_epoch: int) -> None:
+        self.ledger.add(epoch, pos.step, keys)
+        if self.every and pos.epoch_step % self.every == 0 and pos.epoch_step < steps_in_epoch:
+            self.save(pos, {"epoch": epoch, "step": pos.step})
+            if self.fail_at and pos.step == self.fail_at and self.resumed_step < self.fail_at:
+                import ray.train
+
+                ray.train.get_all_reported_checkpoints(
+                    consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+                raise RuntimeError(f"fail_at_step={pos.step}: injected worker failure (tests only)")
