@@ -87,20 +87,42 @@ def restore_rank_state(ckpt: dict[str, Any] | None, rank: int, world_size: int, 
 
 
 class StepCheckpoints:
-    """After every step: the ledger's rows, and every `checkpoint_every_steps` steps inside an
-    epoch a step checkpoint (all ranks: ledger commit, states gathered, one report)."""
+    """After every step: the ledger's rows, and a step checkpoint (all ranks: ledger commit,
+    states gathered, one report) every `checkpoint_every_steps` steps inside an epoch, or
+    when the ranks agree that one of them was asked to stop (SIGTERM: `preemption`)."""
 
     def __init__(self, cfg, ledger, save, resumed_step: int) -> None:
+        from orchestration.preemption import StopAgreement
+
         self.every, self.fail_at = cfg.checkpoint_every_steps, cfg.fail_at_step
         self.ledger, self.save, self.resumed_step = ledger, save, resumed_step
+        self.stop = StopAgreement()
+        self.stopping = False  # agreed at an epoch's last step: stop after its checkpoint
 
     def after_step(self, epoch: int, pos: Position, keys: list[str], steps_in_epoch: int) -> None:
+        from orchestration.preemption import Preempted
+
         self.ledger.add(epoch, pos.step, keys)
-        if self.every and pos.epoch_step % self.every == 0 and pos.epoch_step < steps_in_epoch:
+        inside = pos.epoch_step < steps_in_epoch
+        if self.stop.poll():
+            if not inside:
+                self.stopping = True  # the epoch ends now: its own checkpoint comes first
+                return
+            self.save(pos, {"epoch": epoch, "step": pos.step})
+            wait_until_registered()
+            log.warning("preempted: step checkpoint at step %d written, stopping for a restart", pos.step)
+            raise Preempted(f"SIGTERM: stopped after the checkpoint at step {pos.step}; Ray Train resumes from it")
+        if self.every and pos.epoch_step % self.every == 0 and inside:
             self.save(pos, {"epoch": epoch, "step": pos.step})
             if self.fail_at and pos.step == self.fail_at and self.resumed_step < self.fail_at:
-                import ray.train
-
-                ray.train.get_all_reported_checkpoints(
-                    consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+                wait_until_registered()
                 raise RuntimeError(f"fail_at_step={pos.step}: injected worker failure (tests only)")
+
+
+def wait_until_registered() -> None:
+    """Block until Ray Train has registered every checkpoint reported so far: a worker that
+    stops right after `report` could otherwise beat the registration, and the restart would
+    resume from the checkpoint before."""
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)

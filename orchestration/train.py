@@ -32,7 +32,9 @@ from orchestration.checkpoint import unwrap
 from orchestration.config import TrainConfig, check_shards, from_dict, load_config
 from orchestration.ledger import SampleLedger, rollback
 from orchestration.metrics import MetricsLog, fmt_pct, plot_curves, summarize
-from orchestration.resume import Position, StepCheckpoints, gather_rank_states, restore_rank_state
+from orchestration.preemption import Preempted, install_preemption
+from orchestration.resume import (Position, StepCheckpoints, gather_rank_states, restore_rank_state,
+                                  wait_until_registered)
 from orchestration.schedule import LrSchedule, peak_lr
 from orchestration.run_dir import (CURVES, METRICS, STATE, SUMMARY, check_storage, ray_storage, read_state,
                                    read_summary, run_location, write_json)
@@ -210,6 +212,7 @@ def train_worker(config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
     attempt_start = time.perf_counter()
+    install_preemption()  # SIGTERM: a step checkpoint at the next step, then a restart from it
     device = setup_compute(cfg, context.get_local_world_size())
     run = run_location(cfg.run_dir)
     torch.manual_seed(cfg.seed + rank)
@@ -311,10 +314,11 @@ def train_worker(config: dict) -> None:
             state["elapsed_s"] += time.perf_counter() - attempt_start
             attempt_start = time.perf_counter()
             write_json(run / STATE, state)
+        if hooks.stopping:
+            wait_until_registered()
+            raise Preempted(f"SIGTERM: stopped after the checkpoint of epoch {epoch}; Ray Train resumes from it")
         if cfg.fail_at_epoch == epoch and Position.of(ckpt).epoch < epoch:
-            # fail once Ray has registered this epoch's checkpoint (a failure right after report
-            # could beat the registration, and the restart would then resume one checkpoint earlier)
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            wait_until_registered()
             raise RuntimeError(f"fail_at_epoch={epoch}: injected worker failure (tests only)")
 
     if rank == 0:

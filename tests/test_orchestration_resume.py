@@ -105,7 +105,8 @@ def ray_train_workers() -> list[int]:
     return sorted(found)
 
 
-def kill_a_worker_when(run_dir: Path, marker: str, timeout: float = 300) -> threading.Thread:
+def kill_a_worker_when(run_dir: Path, marker: str, timeout: float = 300, sig: int = signal.SIGKILL,
+                       delay: float = 0.5) -> threading.Thread:
     """In the background: once Ray has registered the checkpoint `marker` (its record names
     it), SIGKILL one Ray Train worker process, as a node's OOM killer or a crash would."""
     record = run_dir / "checkpoint_manager_snapshot.json"
@@ -114,9 +115,9 @@ def kill_a_worker_when(run_dir: Path, marker: str, timeout: float = 300) -> thre
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if record.is_file() and marker in record.read_text(errors="replace"):
-                time.sleep(0.5)  # into the next steps: the kill lands mid-epoch, between checkpoints
+                time.sleep(delay)  # into the next steps: the kill lands mid-epoch, between checkpoints
                 for pid in ray_train_workers():
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, sig)
                     return
             time.sleep(0.05)
 
@@ -150,3 +151,17 @@ def test_resume_with_another_world_size_continues_the_lr_curve(reference, demo_s
     for j in range(1, 4):
         assert ours[9 + 2 * j] == pytest.approx(ref[10 + j], rel=1e-12), j
     assert all(ours[s] == ref[s] for s in range(1, 11))  # the steps before the resume are kept as they were
+
+
+def test_sigterm_preemption_checkpoints_the_next_step_and_resumes_exactly(reference, demo_shards, tmp_path):
+    """A worker sent SIGTERM (a spot VM's notice) finishes its step; the ranks agree at the
+    next one, write a step checkpoint outside the schedule (every 4 steps here) and stop;
+    Ray Train restarts from it."""
+    run_dir = tmp_path / "runs" / "preempted"
+    watcher = kill_a_worker_when(run_dir, "epoch-0000-step-0000004", sig=signal.SIGTERM, delay=0.2)
+    path = config(tmp_path, demo_shards, "preempted", checkpoint_every_steps=4)
+    assert train.main(["--config", str(path)]) == 0
+    watcher.join(5)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["resumed_at"][0] in (5, 6, 7)  # at most a step or two late
+    assert_same_run(run_dir, reference)
