@@ -1,108 +1,280 @@
-"""`python -m shards.bench`: the packer's rate against the PIL bound, measured in one run.
+"""`python -m shards.bench`: the packer's rate against the PIL bound, and where its time goes.
 
-Bound = PIL decode (draft) + RGB + resize + JPEG encode of the same files (the packer's own
-`encode`, without tar, index, stats or IPC), run as a plain loop in `cores` processes on
-disjoint parts, each timed inside itself: per core x cores, under the same machine load.
-The packer runs with `--workers` = those cores and is timed end to end (start-up included).
-Both read from the page cache (each corpus is read once before timing), so this measures
-CPU work, not disk. Timings alternate bound, packer, bound and use the mean of the bounds,
-so drift from other load on the machine hits both.
+Bound = plain PIL on the same files: open, decode, convert to RGB, BILINEAR resize to the
+packer's target size, JPEG q90 encode, as a loop in `cores` processes on disjoint parts,
+each timed inside itself (start-up excluded): per core x cores, under the same load.
+Packer = `shards.pack.build --workers cores`, in a fresh process, on the whole corpus and on
+a quarter of it (hard links to the same files); its marginal rate (images between the two
+runs over the time between them) leaves out the fixed costs (interpreter, pool start-up,
+listing, set files), which are reported on their own. Both read from the page cache (the
+corpus is read once first), so this measures CPU work, not disk. Each round runs bound,
+packer (all), packer (quarter), bound; the ratio is the median over rounds, so drift from
+other load on a shared machine hits both sides.
+
+The profile splits one image's cost into the stages of `shards.encode` (read, decode,
+resize, encode, stats), building its tar members (`shards.writer.sample_blob`) and moving
+the result between processes (pickle out and back), all in one process; and from the
+packer runs, the packer process's own CPU per image (receiving, the single writer, parts)
+against the workers' CPU per image.
 
 Corpora (generated, deterministic, cached under --work):
-  demo      the demo tree's images (sides 300-600), packed at shorter side 128 as `make shards`
-  imagenet  ImageNet-like photos-sized JPEGs (sides 375-500, q90, ~ImageNet's mean size),
-            packed at shorter side 256 as `IMAGENET_DIR=... make shards`
+  photo  photo-like 500x375 JPEGs (1/f texture over several octaves, colour, hard edges;
+         q90, ~100 KB each, the commonest ImageNet shape and size), packed at shorter side 256
+  demo   the demo tree's images (sides 300-600), packed at shorter side 128 as `make shards`
+
+`measure_pack` (a packer run in a fresh process: wall, CPU and peak RSS of the packer and of
+its largest worker) is also what the reliability tests measure memory with.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing as mp
 import os
+import pickle
 import shutil
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw
+
 from shards.demo import write_demo
-from shards.encode import encode
-from shards.pack import build
+from shards.encode import encode, target_size
+from shards.writer import sample_blob
 
 IMAGENET_TRAIN = 1_281_167
-CORPORA = {  # name: (min_side, max_side, shorter_side)
-    "demo": (300, 600, 128),
-    "imagenet": (375, 500, 256),
-}
+CORPORA = {"photo": 256, "demo": 128}  # name: shorter side packed at
+PHOTO_SIZE = (500, 375)
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def corpus(work: Path, name: str, images: int) -> Path:
-    lo, hi, _ = CORPORA[name]
-    root = work / f"{name}-{images}"
-    if not (root / "LOC_synset_mapping.txt").is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        write_demo(root, classes=10, train_per_class=max(1, images // 10), val_per_class=0, seed=1,
-                   min_side=lo, max_side=hi)
+# ------------------------------------------------------------------ corpora
+def _upsample(noise: np.ndarray, w: int, h: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(noise).resize((w, h), Image.BILINEAR))
+
+
+def photo(index: int, seed: int = 0, size: tuple[int, int] = PHOTO_SIZE) -> Image.Image:
+    """A photo-like image: 1/f luminance texture over six octaves, soft colour, hard edges
+    (the content a q90 JPEG of a photo costs to decode and weighs: ~100 KB at 500x375)."""
+    w, h = size
+    rng = np.random.default_rng([seed, index])
+    detail = float(np.exp(rng.normal(np.log(2.5), 0.4)))
+    lum = np.zeros((h, w), np.float32)
+    for cells, amp in ((3, 45), (12, 28), (48, 16), (192, 8 * detail), (384, 7 * detail), (768, 9 * detail)):
+        gw, gh = max(2, round(w * cells / 768)), max(2, round(h * cells / 768))
+        lum += amp * _upsample(rng.standard_normal((gh, gw), dtype=np.float32), w, h)
+    pixels = lum[..., None] + rng.uniform(70, 170, 3).astype(np.float32)
+    for c in range(3):
+        pixels[..., c] += (25 * _upsample(rng.standard_normal((4, 5), dtype=np.float32), w, h)
+                           + 8 * _upsample(rng.standard_normal((24, 32), dtype=np.float32), w, h))
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 7))):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        box = [x0, y0, x0 + int(rng.integers(w // 10, w // 2)), y0 + int(rng.integers(h // 10, h // 2))]
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape(box, outline=tuple(int(c) for c in rng.integers(0, 256, 3)), width=int(rng.integers(1, 6)))
+    return img
+
+
+def _write_photo(job: tuple[str, int]) -> None:
+    path, index = job
+    photo(index).save(path, "JPEG", quality=90)
+
+
+def write_photos(root: Path, images: int, classes: int = 10, workers: int | None = None) -> Path:
+    """An ImageNet-layout tree (`train/<wnid>/*.JPEG`) of `images` photo-like JPEGs."""
+    jobs = []
+    for i in range(images):
+        wnid = f"n{90000000 + i % classes:08d}"
+        (root / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        jobs.append((str(root / "train" / wnid / f"{wnid}_{i}.JPEG"), i))
+    with mp.get_context("spawn").Pool(workers or os.cpu_count() or 1) as pool:
+        pool.map(_write_photo, jobs, chunksize=16)
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"n{90000000 + k:08d} class {k}\n" for k in range(classes)))
     return root
 
 
-def bound_rate(files: list[Path], shorter_side: int) -> float:
-    """Images/s of PIL decode + resize + encode in this one process (the packer's own op)."""
-    t0 = time.perf_counter()
-    for p in files:
-        encode(str(p), p.stem, shorter_side, 90, want_stats=False)
-    return len(files) / (time.perf_counter() - t0)
+def corpus(work: Path, name: str, images: int) -> Path:
+    root = work / f"{name}-{images}"
+    if not (root / "LOC_synset_mapping.txt").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        if name == "photo":
+            write_photos(root, images)
+        else:
+            write_demo(root, classes=10, train_per_class=max(1, images // 10), val_per_class=0, seed=1,
+                       min_side=300, max_side=600)
+    return root
 
 
-def _bound_part(job: tuple[list[str], int]) -> float:
-    files, shorter_side = job
-    return bound_rate([Path(f) for f in files], shorter_side)
+def subset(src: Path, fraction: float) -> Path:
+    """A tree of hard links to every 1/fraction-th image of `src` (the same files, no copy)."""
+    dst = src.with_name(src.name + f"-part{round(1 / fraction)}")
+    if not (dst / "LOC_synset_mapping.txt").is_file():
+        shutil.rmtree(dst, ignore_errors=True)
+        step = round(1 / fraction)
+        for i, f in enumerate(sorted((src / "train").rglob("*.JPEG"))):
+            if i % step == 0:
+                (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                os.link(f, dst / f.relative_to(src))
+        shutil.copy(src / "LOC_synset_mapping.txt", dst / "LOC_synset_mapping.txt")
+    return dst
 
 
-def parallel_bound(files: list[Path], shorter_side: int, cores: int) -> float:
-    """Sum over `cores` processes of the plain loop's rate on disjoint parts (timed inside each,
-    so process start-up is excluded): per core x cores, under the same machine load."""
+# ------------------------------------------------------------------ the bound
+def bound_rate(files: list[str], shorter_side: int) -> tuple[float, float]:
+    """(images/s, CPU seconds per image) of plain PIL (decode, RGB, BILINEAR resize, q90
+    encode) in this process."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for path in files:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+            size = target_size(*rgb.size, shorter_side)
+            if size != rgb.size:
+                rgb = rgb.resize(size, Image.BILINEAR)
+            rgb.save(io.BytesIO(), "JPEG", quality=90)
+    return len(files) / (time.perf_counter() - t0), (time.process_time() - c0) / len(files)
+
+
+def _bound_part(job: tuple[list[str], int]) -> tuple[float, float]:
+    return bound_rate(*job)
+
+
+def parallel_bound(files: list[Path], shorter_side: int, cores: int) -> tuple[float, float]:
+    """(images/s summed over `cores` processes of the plain loop on disjoint parts, timed
+    inside each; their mean CPU seconds per image)."""
     parts = [([str(f) for f in files[i::cores]], shorter_side) for i in range(cores)]
     with mp.get_context("spawn").Pool(cores) as pool:
-        return sum(pool.map(_bound_part, parts, chunksize=1))
+        done = pool.map(_bound_part, parts, chunksize=1)
+    return sum(r for r, _ in done), sum(c for _, c in done) / len(done)
 
 
-def run(work: Path, images: int, cores: int) -> dict:
-    results = {"cores": cores, "cpu_count": os.cpu_count(), "corpora": {}}
-    for name, (_, _, shorter_side) in CORPORA.items():
+# ------------------------------------------------------------------ a packer run, measured
+_RUN = """
+import inspect, json, resource, sys, time
+from shards.pack import build
+args = json.loads(sys.argv[1])
+profile = {}
+extra = {"profile": profile} if "profile" in inspect.signature(build).parameters else {}
+t0 = time.perf_counter()
+s = build(args.pop("source"), args.pop("out"), progress=False, **args, **extra)
+wall = time.perf_counter() - t0
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"wall_s": wall, "packed": s.packed, "rejected": s.rejected, "shards": s.shards, "bytes": s.bytes,
+                  "main_cpu_s": me.ru_utime + me.ru_stime, "workers_cpu_s": kids.ru_utime + kids.ru_stime,
+                  "main_rss_mb": me.ru_maxrss / 1024, "worker_rss_mb": kids.ru_maxrss / 1024, "profile": profile}))
+"""
+
+
+def measure_pack(source: Path, out: Path, packer_root: Path | None = None, **settings) -> dict:
+    """Run `build(source, out, **settings)` in a fresh process (the shards package of
+    `packer_root`, default this one); returns its wall time (inside `build`), CPU seconds
+    and peak RSS (MB) of the packer process and of its largest worker, and its profile."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(packer_root or ROOT)}
+    args = json.dumps({"source": str(source), "out": str(out), **settings})
+    res = subprocess.run([sys.executable, "-c", _RUN, args], env=env, capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        raise RuntimeError(f"packer run failed: {res.stderr.strip()[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ where one image's time goes
+def stage_profile(files: list[Path], shorter_side: int) -> dict:
+    """Milliseconds per image of each stage, in this one process."""
+    clock: dict[str, float] = {}
+    encoded = [encode(str(f), f.stem, shorter_side, 90, want_stats=True, clock=clock) for f in files]
+    encoded = [e for e in encoded if not isinstance(e, str)]
+    t0 = time.perf_counter()
+    results = [(sample_blob(f"key{i}", e.jpeg, 3), e.width, e.height, e.count, e.sum, e.outer)
+               for i, e in enumerate(encoded)]
+    clock["tar_members"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for r in results:
+        pickle.loads(pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL))
+    clock["pickle"] = time.perf_counter() - t0
+    return {k: round(v / len(files) * 1e3, 3) for k, v in clock.items()}
+
+
+def _round(files: int, small: int, full: dict, quarter: dict, bound: float, bound_cpu: float) -> dict:
+    n = files - small
+    marginal = n / max(full["wall_s"] - quarter["wall_s"], 1e-9)
+    main_cpu = (full["main_cpu_s"] - quarter["main_cpu_s"]) / n
+    workers_cpu = (full["workers_cpu_s"] - quarter["workers_cpu_s"]) / n
+    prof = full["profile"]
+    steady = prof["steady_images"] / prof["steady_s"] if prof.get("steady_s") else float("nan")
+    return {"packer_img_s": files / full["wall_s"], "marginal_img_s": marginal, "steady_img_s": steady,
+            "ratio_steady": steady / bound,
+            "fixed_s": full["wall_s"] - files / marginal, "ratio_marginal": marginal / bound,
+            "ratio_e2e": files / full["wall_s"] / bound, "main_cpu_ms": main_cpu * 1e3,
+            "workers_cpu_ms": workers_cpu * 1e3, "ratio_cpu": bound_cpu / (main_cpu + workers_cpu),
+            "main_rss_mb": full["main_rss_mb"], "worker_rss_mb": full["worker_rss_mb"]}
+
+
+def run(work: Path, images: int, cores: int, rounds: int, corpora: list[str], packers: dict[str, Path]) -> dict:
+    """`packers`: name -> root of a checkout whose shards package to measure (all in every round)."""
+    results = {"cores": cores, "cpu_count": os.cpu_count(), "rounds": rounds,
+               "packers": {k: str(v) for k, v in packers.items()}, "corpora": {}}
+    for name in corpora:
+        shorter_side = CORPORA[name]
         src = corpus(work, name, images)
+        part = subset(src, 0.25)
         files = sorted((src / "train").rglob("*.JPEG"))
-        in_mb = sum(p.stat().st_size for p in files) / 1e6  # also warms the page cache
-        for p in files:
-            p.read_bytes()
-        b1 = parallel_bound(files, shorter_side, cores)
-        out = work / f"{name}-shards"
-        shutil.rmtree(out, ignore_errors=True)
-        summary = build(src, out, splits=("train",), shorter_side=shorter_side, workers=cores,
-                        shard_size_mb=16, progress=False)
-        b2 = parallel_bound(files, shorter_side, cores)
-        per_core = (b1 + b2) / 2 / cores
-        rate = summary.packed / summary.wall_s
-        results["corpora"][name] = {
-            "images": len(files), "shorter_side": shorter_side, "input_mb": round(in_mb, 1),
-            "bound_per_core_img_s": round(per_core, 1), "bound_img_s": round(per_core * cores, 1),
-            "packer_img_s": round(rate, 1), "packer_in_mb_s": round(in_mb / summary.wall_s, 1),
-            "packer_out_mb_s": round(summary.bytes / 1e6 / summary.wall_s, 1),
-            "packer_vs_bound": round(rate / (per_core * cores), 3),
-            "projected_imagenet_train_h": {
-                str(c): round(IMAGENET_TRAIN / (per_core * c * min(1.0, rate / (per_core * cores))) / 3600, 2)
-                for c in (2, 32)
-            },
-        }
+        small = len(list((part / "train").rglob("*.JPEG")))
+        in_mb = sum(f.stat().st_size for f in files) / 1e6
+        for f in files:  # the page cache holds the corpus for every run below
+            f.read_bytes()
+        settings = dict(splits=["train"], shorter_side=shorter_side, workers=cores, shard_size_mb=16)
+        rows: dict[str, list[dict]] = {k: [] for k in packers}
+        bounds, profiles = [], {}
+        for _ in range(rounds):
+            b1, c1 = parallel_bound(files, shorter_side, cores)
+            runs = {}
+            for key, root in packers.items():
+                runs[key] = (measure_pack(src, work / f"{name}-out", root, **settings),
+                             measure_pack(part, work / f"{name}-out", root, **settings))
+            b2, c2 = parallel_bound(files, shorter_side, cores)
+            bound, bound_cpu = (b1 + b2) / 2, (c1 + c2) / 2
+            bounds.append({"bound_img_s": bound, "bound_cpu_ms": bound_cpu * 1e3})
+            for key, (full, quarter) in runs.items():
+                rows[key].append(_round(len(files), small, full, quarter, bound, bound_cpu))
+                profiles.setdefault(key, full["profile"])
+        med_bound = {k: round(statistics.median(b[k] for b in bounds), 3) for k in bounds[0]}
+        entry = {"images": len(files), "quarter": small, "shorter_side": shorter_side, "input_mb": round(in_mb, 1),
+                 "bound": med_bound, "bound_rounds": [{k: round(v, 3) for k, v in b.items()} for b in bounds],
+                 "stages_ms_per_image": stage_profile(files[: min(len(files), 200)], shorter_side), "packers": {}}
+        for key, rs in rows.items():
+            med = {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}
+            entry["packers"][key] = {
+                "median": med, "rounds": [{k: round(v, 3) for k, v in r.items()} for r in rs],
+                "profile_ms_per_image": {k: round(v / len(files) * 1e3, 3) for k, v in profiles[key].items()
+                                         if k.endswith("_s") and k not in ("wall_s", "discover_s", "steady_s")},
+                "projected_imagenet_train_h": {
+                    str(c): round(IMAGENET_TRAIN / (med_bound["bound_img_s"] / cores * c
+                                                    * min(1.0, med["ratio_marginal"])) / 3600, 2) for c in (2, 32)},
+            }
+        results["corpora"][name] = entry
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shards.bench", description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("runs/bench-shards"), help="corpora and outputs")
-    p.add_argument("--images", type=int, default=400, help="images per corpus")
+    p.add_argument("--images", type=int, default=800, help="images per corpus")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="packer workers (bound x this)")
+    p.add_argument("--rounds", type=int, default=3, help="bound/packer rounds (the median is reported)")
+    p.add_argument("--corpora", default="photo", help=f"comma-separated, of: {','.join(CORPORA)}")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="also measure the shards package of another checkout (e.g. an older commit) in each round")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    results = run(args.work, args.images, args.cores)
+    packers = {"this": ROOT, **({"compare": args.compare.resolve()} if args.compare else {})}
+    results = run(args.work, args.images, args.cores, args.rounds, args.corpora.split(","), packers)
     (args.work / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
     return 0

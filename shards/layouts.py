@@ -54,7 +54,22 @@ def split_tars(shards_dir: Path, split: str) -> list[Path]:
     return sorted((Path(shards_dir) / split).glob("*" + TAR_SUFFIX))
 
 
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
 def sample_key(stem: str) -> str:
-    """WebDataset key for a source file stem: DALI splits member names at the first dot,
-    so keys must not contain one."""
-    return stem.replace(".", "_")
+    """WebDataset key for a source file stem: ASCII letters, digits, `_` and `-` only, every
+    other character `_`. DALI splits member names at the first dot and its index at spaces,
+    and a file name that is not valid UTF-8 must not reach the tar; the manifest's `source`
+    keeps the file's own name (`display_path`)."""
+    return _KEY_UNSAFE.sub("_", stem)
+
+
+def display_path(path: str) -> str:
+    """A path as valid UTF-8 text: bytes of a non-UTF-8 file name (which Python holds as
+    surrogate escapes) are written `\\xNN`; every other name is unchanged."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -28,8 +28,10 @@ from shards.layouts import (
 )
 from shards.location import Location, check_reachable, resolve, storage_error
 from shards.upload import Uploader, read_hashed
+from shards.writer import ShardWriter
 
 STATE_FILE = "state.json"
+PART_SUFFIX = ".parquet"  # beside each record: `.pack/<split>/<shard>.parquet`, its manifest rows and rejects
 # The set files, in the order they are written after the last shard: manifest.parquet last,
 # so a reader that finds it finds the whole set.
 SET_FILES = (REJECTS_FILE, CLASSES_FILE, STATS_FILE, SHARDS_FILE, MANIFEST_FILE)
@@ -147,7 +149,8 @@ class PackOutput:
         else:
             records = [read(n) for n in names]
         for rec in records:  # journals of packers before shards.parquet: hash the published tar once
-            rec.setdefault("samples", len(rec["rows"]))
+            if "samples" not in rec:
+                rec["samples"] = len(rec["rows"])
             if "sha256" not in rec:
                 rec["sha256"] = read_hashed(self.loc / split / rec["shard"])[1]
         return records
@@ -165,24 +168,65 @@ class PackOutput:
                 p.unlink()
         return d
 
-    def commit(self, split: str, tar: Path, idx: Path, record: dict) -> None:
-        """Publish a sealed shard: locally its record follows it; remotely it is uploaded
-        (index, tar, record) in the background and removed from the work directory."""
+    def commit(self, split: str, writer: ShardWriter, record: dict, part: bytes) -> None:
+        """Publish a sealed shard with its part (manifest rows and rejects, Parquet) and its
+        record, the commit marker. Locally the part and record are written first, then the
+        tar renamed into place, so every tar under its final name is committed; remotely the
+        shard is uploaded in the background (index, tar, part, record) and then removed from
+        the work directory."""
         data = json.dumps(record).encode()
+        journal = self.loc / PACK_DIR / split
+        tar, idx = writer.tar_path, writer.idx_path
         if not self.remote:
+            atomic_write_bytes(self.work / PACK_DIR / split / (tar.name + PART_SUFFIX), part)
             atomic_write_bytes(self.work / PACK_DIR / split / (tar.name + ".json"), data)
+            writer.publish()
             return
+        writer.publish()
 
         def upload() -> None:
             (self.loc / split / idx.name).upload(idx)
             (self.loc / split / tar.name).upload(tar)
-            (self.loc / PACK_DIR / split / (tar.name + ".json")).write_bytes(data)
+            (journal / (tar.name + PART_SUFFIX)).write_bytes(part)
+            (journal / (tar.name + ".json")).write_bytes(data)
             self.uploads.shards += 1
             self.uploads.bytes += idx.stat().st_size + tar.stat().st_size
             idx.unlink()
             tar.unlink()
 
         self._uploader.submit(upload)
+
+    def read_part(self, split: str, shard: str) -> bytes:
+        """The Parquet part (manifest rows and rejects) of a committed shard."""
+        return (self.loc / PACK_DIR / split / (shard + PART_SUFFIX)).read_bytes()
+
+    def uncommit(self, split: str, records: list[dict]) -> None:
+        """Withdraw the last committed shards of a split (`records`, a tail of its journal) so
+        that they are packed again: manifest.parquet goes first (the set is no longer whole),
+        then their records from the last one, so the journal stays a prefix of the plan, and
+        their shards."""
+        (self.loc / MANIFEST_FILE).delete()
+        for rec in reversed(records):
+            (self.loc / PACK_DIR / split / (rec["shard"] + ".json")).delete()
+            (self.loc / PACK_DIR / split / (rec["shard"] + PART_SUFFIX)).delete()
+            (self.loc / split / rec["shard"]).delete()
+            (self.loc / split / index_name(rec["shard"])).delete()
+
+    def set_file_tmp(self, name: str) -> Path:
+        """A local path to write the set file `name` at before `publish_file` puts it in place."""
+        return self.work / f".{name}.tmp"
+
+    def publish_file(self, name: str, local: Path) -> None:
+        """Put a set file written at `set_file_tmp(name)` in place (complete or absent)."""
+        if not self.remote:
+            with open(local, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(local, self.work / name)
+            return
+        try:
+            (self.loc / name).upload(local)
+        finally:
+            local.unlink(missing_ok=True)
 
     def wait_uploads(self) -> float:
         """Wait until every submitted shard is in the store; returns the seconds spent uploading."""
@@ -210,6 +254,8 @@ class PackOutput:
                     for p in d.iterdir():
                         if p.name.endswith((TAR_SUFFIX, IDX_SUFFIX, ".tmp")):
                             p.unlink()
+            for name in SET_FILES:
+                (out / f".{name}.tmp").unlink(missing_ok=True)
             return
         for name in reversed(SET_FILES):
             (self.loc / name).delete()

@@ -4,15 +4,23 @@ train: `train/<wnid>/*.JPEG`. val: `val/<wnid>/*.JPEG`, or flat `val/*.JPEG` lab
 `LOC_val_solution.csv` (Kaggle) or by `ILSVRC2012_validation_ground_truth.txt` plus a wnid
 list in ILSVRC2012_ID order. The images may sit in the source root or, as in the Kaggle
 download, under `ILSVRC/Data/CLS-LOC/`. Labels are wnid indices in sorted order.
+
+Every entry of a class folder (or of a flat val/) becomes an item or a reject, never
+nothing: symbolic links are followed (a broken one is a reject), and a directory, a FIFO or
+a socket where an image should be is a reject (a FIFO is never opened: reading one would
+block the packer). Entries are listed with `os.scandir`, so a regular file costs no `stat`.
 """
 from __future__ import annotations
 
 import csv
+import os
 import re
+import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.layouts import sample_key
+from shards.layouts import display_path, sample_key
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
@@ -24,11 +32,11 @@ _WNID = re.compile(r"^n\d{8}$")
 _VAL_ID = re.compile(r"(\d+)$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """One input file: where it is, which split, its class and its WebDataset key."""
 
-    source: str  # path relative to the source root
+    source: str  # path relative to the source root (a non-UTF-8 name as surrogate escapes)
     split: str
     wnid: str | None  # None when the labels file does not name it
     key: str
@@ -42,9 +50,12 @@ class SourceTree:
     items: dict[str, list[Item]] = field(default_factory=dict)
     # inputs known to be unusable before decoding: (source, split, reason)
     rejects: list[tuple[str, str, str]] = field(default_factory=list)
+    _labels: dict[str, int] = field(default_factory=dict, repr=False)
 
     def label(self, wnid: str) -> int:
-        return self.wnids.index(wnid)
+        if not self._labels:
+            self._labels.update((w, i) for i, w in enumerate(self.wnids))
+        return self._labels[wnid]
 
 
 def image_root(source: Path) -> Path:
@@ -79,15 +90,53 @@ def _read_names(source: Path, root: Path) -> dict[str, str]:
     return names
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file())
+def _scan(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise OSError(e.errno, f"{display_path(str(folder))}: cannot list ({e.strerror}); fix its permissions "
+                               "or mount and re-run") from None
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def _val_labels(source: Path, root: Path, files: list[Path]) -> dict[str, str]:
+def _kind(entry: os.DirEntry) -> str:
+    """"file", "dir", or a reject reason for anything else (symbolic links followed)."""
+    try:
+        if entry.is_symlink():
+            mode = os.stat(entry.path).st_mode  # follows the link
+            return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else _special(mode)
+        if entry.is_dir(follow_symlinks=False):
+            return "dir"
+        if entry.is_file(follow_symlinks=False):
+            return "file"
+        return _special(entry.stat(follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        if entry.is_symlink():
+            return f"broken symbolic link (to {display_path(os.readlink(entry.path))})"
+        return "file"  # vanished since the listing: the encoder reports it
+    except OSError:
+        return "file"  # cannot stat now (permissions, I/O): the encoder retries and reports it
+
+
+def _special(mode: int) -> str:
+    kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+            else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+    return f"not a regular file (a {kind})"
+
+
+def _class_dirs(folder: Path) -> list[os.DirEntry]:
+    """Class folders of train/ or a per-class val/: directories (or links to them) not named
+    like an image."""
+    if not folder.is_dir():
+        return []
+    return [e for e in _scan(folder) if not _is_image_name(e.name) and _kind(e) == "dir"]
+
+
+def _val_labels(source: Path, root: Path, stems: list[str]) -> dict[str, str]:
     """stem -> wnid for flat val/ images."""
     csv_path = _find(LOC_SOLUTION, root, source)
     if csv_path:
@@ -109,14 +158,18 @@ def _val_labels(source: Path, root: Path, files: list[Path]) -> dict[str, str]:
                 f"{gt_path} found but no wnid list: put {WNID_LISTS[0]} (one wnid per line in "
                 "ILSVRC2012_ID order, as in the devkit's data/meta.mat) beside it"
             )
-        by_id = [w.strip() for w in list_path.read_text().split()]
+        by_id = _wnid_list(list_path)
         ids = [int(t) for t in gt_path.read_text().split()]
+        bad = next((i for i in ids if not 1 <= i <= len(by_id)), None)
+        if bad is not None:
+            raise ValueError(f"{gt_path}: names class ID {bad} but {list_path} lists {len(by_id)} wnids; "
+                             "use the wnid list of the same devkit")
         labels = {}
-        for p in files:
-            m = _VAL_ID.search(p.stem)
+        for stem in stems:
+            m = _VAL_ID.search(stem)
             n = int(m.group(1)) if m else 0
-            if 1 <= n <= len(ids) and 1 <= ids[n - 1] <= len(by_id):
-                labels[p.stem] = by_id[ids[n - 1] - 1]
+            if 1 <= n <= len(ids):
+                labels[stem] = by_id[ids[n - 1] - 1]
         return labels
     raise FileNotFoundError(
         f"{root / 'val'} is flat but has no labels: put {LOC_SOLUTION} beside val/ or in {source}, "
@@ -124,21 +177,67 @@ def _val_labels(source: Path, root: Path, files: list[Path]) -> dict[str, str]:
     )
 
 
-def _add(tree: SourceTree, split: str, path: Path, wnid: str | None, seen: dict[str, int]) -> None:
-    rel = str(path.relative_to(tree.root))
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        tree.rejects.append((rel, split, f"not an image file name ({path.suffix or 'no extension'})"))
+def _wnid_list(path: Path) -> list[str]:
+    """The wnids of a list in ILSVRC2012_ID order. A list in sorted order is refused: the
+    ground truth's IDs follow the devkit's order (meta.mat; ID 1 is n02119789, kit fox), and
+    a sorted list (Caffe's synsets.txt, LOC_synset_mapping.txt) maps every val image to a
+    wrong class without any error."""
+    by_id = [w.strip() for w in path.read_text().split()]
+    if len(set(by_id)) != len(by_id):
+        raise ValueError(f"{path}: lists a wnid twice; it must hold each class once, in ILSVRC2012_ID order")
+    if len(by_id) > 1 and by_id == sorted(by_id):
+        raise ValueError(
+            f"{path}: its wnids are in sorted order, but {GROUND_TRUTH} counts classes in the devkit's "
+            f"ILSVRC2012_ID order (ID 1 is n02119789): every val label would be wrong. Use {WNID_LISTS[0]} "
+            "written from the devkit's data/meta.mat (the WNID of ILSVRC2012_ID 1, 2, ... one per line), "
+            f"or {LOC_SOLUTION}, or per-class val/<wnid>/ folders"
+        )
+    return by_id
+
+
+def _rel(tree: SourceTree, path: str) -> str:
+    root = str(tree.root)
+    return path[len(root) + 1:] if path.startswith(root + os.sep) else os.path.relpath(path, root)
+
+
+def _add(tree: SourceTree, split: str, entry: os.DirEntry, wnid: str | None, seen: dict[str, int]) -> None:
+    rel = _rel(tree, entry.path)
+    kind = _kind(entry)
+    if kind == "dir":
+        tree.rejects.append((rel, split, "a directory, not an image file (nothing in it is packed)"))
         return
-    key = sample_key(path.stem)
+    if kind != "file":
+        tree.rejects.append((rel, split, kind))
+        return
+    stem, suffix = os.path.splitext(entry.name)
+    if suffix.lower() not in IMAGE_SUFFIXES:
+        tree.rejects.append((rel, split, f"not an image file name ({suffix or 'no extension'})"))
+        return
+    key = sample_key(stem)
     n = seen.get(key, 0)
     seen[key] = n + 1
-    if n:  # the same stem twice in a split (another class or extension): keep both, distinctly
+    if n:  # the same key twice in a split (another class or extension): keep both, distinctly
         key = f"{key}_dup{n}"
         while key in seen:
             n += 1
-            key = f"{sample_key(path.stem)}_dup{n}"
+            key = f"{sample_key(stem)}_dup{n}"
         seen[key] = 1
     tree.items[split].append(Item(rel, split, wnid, key))
+
+
+def _add_class(tree: SourceTree, split: str, folder: os.DirEntry, seen: dict[str, int]) -> None:
+    wnid = sys.intern(folder.name)
+    for entry in _scan(Path(folder.path)):
+        _add(tree, split, entry, wnid, seen)
+
+
+def _loose(tree: SourceTree, split: str, folder: Path, classes: list[os.DirEntry]) -> None:
+    """Entries of train/ (or a per-class val/) that are not class folders: rejects."""
+    names = {c.name for c in classes}
+    for entry in _scan(folder):
+        if entry.name not in names:
+            tree.rejects.append((_rel(tree, entry.path), split,
+                                 f"not in a class folder ({split}/<wnid>/)"))
 
 
 def discover(source: Path, splits: tuple[str, ...] = ("train", "val")) -> SourceTree:
@@ -166,22 +265,22 @@ def discover(source: Path, splits: tuple[str, ...] = ("train", "val")) -> Source
         if split == "train":
             if not train_dirs:
                 raise FileNotFoundError(f"{root / 'train'}: no class folders; pass --splits val or fix --source")
+            _loose(tree, split, root / "train", train_dirs)
             for d in train_dirs:
-                for p in _files(d):
-                    _add(tree, split, p, d.name, seen)
+                _add_class(tree, split, d, seen)
         elif split == "val":
             if not val_dir.is_dir():
                 raise FileNotFoundError(f"{val_dir}: not found; pass --splits train or fix --source")
             class_dirs = _class_dirs(val_dir)
             if class_dirs:
+                _loose(tree, split, val_dir, class_dirs)
                 for d in class_dirs:
-                    for p in _files(d):
-                        _add(tree, split, p, d.name, seen)
+                    _add_class(tree, split, d, seen)
             else:
-                files = _files(val_dir)
-                labels = _val_labels(source, root, files)
-                for p in files:
-                    _add(tree, split, p, labels.get(p.stem), seen)
+                entries = _scan(val_dir)
+                labels = _val_labels(source, root, [os.path.splitext(e.name)[0] for e in entries])
+                for e in entries:
+                    _add(tree, split, e, labels.get(os.path.splitext(e.name)[0]), seen)
         else:
             raise ValueError(f"--splits: unknown split {split!r} (use train, val)")
     return tree

@@ -1,13 +1,19 @@
 """Write one shard: tar, its DALI index and its sha256 in the same pass, published atomically.
 
-Both files are written as `*.tmp`, fsynced, and renamed index first, then tar: a reader that
-sees `shard-N.tar` also sees its `shard-N.idx`, and a crash leaves only `*.tmp` files. The
+Both files are written as `*.tmp` and fsynced (`seal`), then renamed index first, then tar
+(`publish`): a reader that sees `shard-N.tar` also sees its `shard-N.idx`, and a crash
+leaves only `*.tmp` files. The packer commits a local shard's journal record between the
+two, so every tar under its final name has its record. The
 tar's sha256 (shards.parquet) is taken from the bytes as they are written: no second read.
+
+The tar members of a sample (`<key>.jpg`, `<key>.cls`) are built where the image is encoded
+(`sample_blob`, in a pool worker): a tar header holds no offset, so the single writer only
+appends ready bytes, hashes them and notes the index entries. The bytes are those `tarfile`
+writes (PAX format, fixed header fields), so re-runs and resumed runs give identical tars.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
 from pathlib import Path
@@ -17,6 +23,7 @@ from shards.layouts import IMAGE_EXT, LABEL_EXT, index_name
 
 # Fixed header fields keep the tar bytes identical between runs (resume == clean run).
 MTIME = 0
+_BLOCK, _RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
 
 
 def fsync_dir(path: Path) -> None:
@@ -27,32 +34,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _HashingFile:
-    """A write-only file that hashes every byte on its way to disk (all tarfile needs)."""
+def tar_member(name: str, data: bytes) -> tuple[bytes, int]:
+    """(header + data + padding, length of the header) of one regular-file member, as
+    `tarfile` (PAX format) writes it."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), MTIME, 0o644
+    header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return header + data + b"\0" * (-len(data) % _BLOCK), len(header)
 
-    def __init__(self, path: Path) -> None:
-        self._file = open(path, "wb")
-        self.sha256 = hashlib.sha256()
 
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        return self._file.write(data)
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def fileno(self) -> int:
-        return self._file.fileno()
-
-    @property
-    def closed(self) -> bool:
-        return self._file.closed
-
-    def close(self) -> None:
-        self._file.close()
+def sample_blob(key: str, jpeg: bytes, label: int) -> tuple[bytes, tuple[tuple[str, int, int], ...]]:
+    """The tar bytes of one sample and its members' (name, data offset in the bytes, size)."""
+    parts, members, offset = [], [], 0
+    for name, data in ((f"{key}.{IMAGE_EXT}", jpeg), (f"{key}.{LABEL_EXT}", str(label).encode())):
+        blob, header = tar_member(name, data)
+        parts.append(blob)
+        members.append((name, offset + header, len(data)))
+        offset += len(blob)
+    return b"".join(parts), tuple(members)
 
 
 class ShardWriter:
@@ -63,49 +62,59 @@ class ShardWriter:
         self.tar_path = self.directory / tar_name
         self.idx_path = self.directory / index_name(tar_name)
         self._tmp = self.tar_path.with_name(tar_name + ".tmp")
-        self._file = _HashingFile(self._tmp)
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self._idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self._sha = hashlib.sha256()
         self._index = IndexBuilder()
+        self.nbytes = 0  # tar bytes so far
         self.samples = 0
         self.sha256: str | None = None  # hex digest of the tar, set by publish()
 
-    @property
-    def nbytes(self) -> int:
-        return self._tar.offset
+    def _write(self, data: bytes) -> None:
+        self._sha.update(data)
+        self._file.write(data)
+        self.nbytes += len(data)
 
-    def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), MTIME, 0o644
-        self._tar.addfile(info, io.BytesIO(data))
-        # TarInfo.offset_data is not set in write mode: the data ends at tar.offset, padded.
-        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-        self._index.add(name, self._tar.offset - padded, len(data))
-
-    def add(self, key: str, jpeg: bytes, label: int) -> None:
-        self._add(f"{key}.{IMAGE_EXT}", jpeg)
-        self._add(f"{key}.{LABEL_EXT}", str(label).encode())
+    def add_blob(self, blob: bytes, members: tuple[tuple[str, int, int], ...]) -> None:
+        """Append one sample's tar bytes (`sample_blob`)."""
+        for name, offset, size in members:
+            self._index.add(name, self.nbytes + offset, size)
+        self._write(blob)
         self.samples += 1
 
-    def publish(self) -> int:
-        """Finish the tar, write the index, fsync both, rename into place; returns tar bytes
-        (and sets `sha256`)."""
-        self._tar.close()
+    def add(self, key: str, jpeg: bytes, label: int) -> None:
+        self.add_blob(*sample_blob(key, jpeg, label))
+
+    def seal(self) -> int:
+        """Finish the tar and write the index, both as temp files, fsynced; returns the tar's
+        bytes (and sets `sha256`). `publish` then renames them into place."""
+        self._write(b"\0" * (2 * _BLOCK))  # end-of-archive, then padding to a whole record
+        self._write(b"\0" * (-self.nbytes % _RECORD))
         self._file.flush()
         os.fsync(self._file.fileno())
-        size = self._file.tell()
         self._file.close()
-        self.sha256 = self._file.sha256.hexdigest()
-        idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
-        with open(idx_tmp, "wb") as f:
+        self.sha256 = self._sha.hexdigest()
+        with open(self._idx_tmp, "wb") as f:
             f.write(self._index.to_bytes())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(idx_tmp, self.idx_path)
+        return self.nbytes
+
+    def publish(self) -> int:
+        """Rename the sealed index, then the tar, into place (sealing them first if needed)."""
+        if self.sha256 is None:
+            self.seal()
+        os.replace(self._idx_tmp, self.idx_path)
         os.replace(self._tmp, self.tar_path)
         fsync_dir(self.directory)
-        return size
+        return self.nbytes
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        """Remove the unfinished tar (after an error: a full disk gets its space back)."""
+        try:
+            if not self._file.closed:
+                self._file.close()
+        except OSError:
+            pass  # the buffered tail could not be written (disk full): the file goes anyway
         self._tmp.unlink(missing_ok=True)
+        self._idx_tmp.unlink(missing_ok=True)

@@ -113,8 +113,8 @@ def test_sigkilled_upload_resumes_from_the_bucket_on_another_machine(demo_tree: 
     assert proc.returncode == -signal.SIGKILL
     before = bucket_objects(s3_server, out)
     assert MANIFEST_FILE not in before  # no set visible before it is whole
-    committed = [k.removeprefix(f"{PACK_DIR}/").removesuffix(".json") for k in before
-                 if k.startswith(f"{PACK_DIR}/train/") or k.startswith(f"{PACK_DIR}/val/")]
+    committed = [k.removeprefix(f"{PACK_DIR}/").removesuffix(".json") for k in before  # the commit markers
+                 if (k.startswith(f"{PACK_DIR}/train/") or k.startswith(f"{PACK_DIR}/val/")) and k.endswith(".json")]
     total = len(split_tars(demo_shards, "train")) + len(split_tars(demo_shards, "val"))
     assert 4 <= len(committed) < total
 
@@ -134,7 +134,8 @@ def test_sigkilled_upload_resumes_from_the_bucket_on_another_machine(demo_tree: 
             versions[v["Key"].removeprefix("shards/")] = versions.get(v["Key"].removeprefix("shards/"), 0) + 1
     for shard in committed:  # uploaded once, before the kill; none again
         idx = shard.removesuffix(".tar") + ".idx"
-        assert (versions[shard], versions[idx], versions[f"{PACK_DIR}/{shard}.json"]) == (1, 1, 1), shard
+        part, record = f"{PACK_DIR}/{shard}.parquet", f"{PACK_DIR}/{shard}.json"
+        assert (versions[shard], versions[idx], versions[part], versions[record]) == (1, 1, 1, 1), shard
 
 
 @pytest.fixture(scope="module")
