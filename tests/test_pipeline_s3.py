@@ -150,3 +150,19 @@ def test_bad_remote_locations_fail_in_one_line(remote_set, s3_server, tmp_path):
         assert "\n" not in str(err.value)
     finally:
         os.environ["AWS_ENDPOINT_URL"] = s3_server.endpoint
+
+
+def test_bench_stages_a_remote_set_into_a_local_mirror(remote_set, demo_shards, monkeypatch, tmp_path):
+    """`make bench SHARDS_DIR=s3://...` measures the staged copy (and how fast staging ran)."""
+    import pipeline.shardset as shardset
+    from pipeline.bench_staging import stage_remote_set
+
+    monkeypatch.setattr(shardset, "DEFAULT_INDEX_CACHE", tmp_path / "idx")
+    monkeypatch.setattr("pipeline.staging.DEFAULT_CACHE_DIR", tmp_path / "cache")
+    mirror, figures = stage_remote_set(remote_set, lambda message: None)
+    assert mirror == mirror_dir(remote_set, tmp_path / "cache")
+    for split in ("train", "val"):
+        ours = sorted(p.name for p in (mirror / split).glob("*.tar"))
+        assert ours == sorted(p.name for p in (demo_shards / split).glob("*.tar"))
+    total = sum(p.stat().st_size for p in demo_shards.glob("*/*.tar"))
+    assert figures["staged_bytes"] == total and figures["stage_mb_per_s"] > 0
