@@ -57,3 +57,15 @@ def s3_server():
 def s3_bucket(s3_server) -> str:
     """A fresh empty bucket on the session's S3 server: `s3://<name>`."""
     return f"s3://{s3_server.new_bucket()}"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An embedded local Ray on loopback for one test module (its start-up is the cost); 4
+    logical CPUs on this 2-core machine, so that 3 workers (1 CPU each) fit."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=None, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -25,16 +25,6 @@ pytestmark = pytest.mark.slow
 STEPS_PER_EPOCH = 7
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=None, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def config(tmp_path: Path, shards: Path, name: str, **values) -> Path:
     cfg = {"name": name, "storage_path": str(tmp_path / "runs"), "shards_dir": str(shards),
            "model": "alexnet-bn", "epochs": 2, "batch_size": 16, "workers": 2, "use_gpu": False,

@@ -28,17 +28,6 @@ SUMMARY_KEYS = {"top1", "top5", "images_per_s", "data_wait", "wall_s", "world_si
 COLUMNS = ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5", "skipped_samples"]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    # 4 logical CPUs on this 2-core machine, so that 3 workers (1 CPU each) fit.
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=None, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def tiny_config(tmp_path: Path, shards: Path, **values) -> Path:
     cfg = {"name": "tiny", "storage_path": str(tmp_path / "runs"), "shards_dir": str(shards),
            "model": "alexnet-bn", "epochs": 2, "batch_size": 32, "workers": 2, "use_gpu": False,
