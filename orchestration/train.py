@@ -33,6 +33,7 @@ from orchestration.config import TrainConfig, check_shards, from_dict, load_conf
 from orchestration.ledger import SampleLedger, rollback
 from orchestration.metrics import MetricsLog, fmt_pct, plot_curves, summarize
 from orchestration.preemption import Preempted, install_preemption
+from orchestration.ray_metrics import TrainMetrics
 from orchestration.resume import (Position, StepCheckpoints, gather_rank_states, restore_rank_state,
                                   wait_until_registered)
 from orchestration.schedule import LrSchedule, peak_lr
@@ -85,6 +86,7 @@ class Ctx:
     rank: int
     world_size: int
     log_rows: MetricsLog | None  # rank 0 only
+    gauges: TrainMetrics | None = None  # Ray's Prometheus endpoint, every rank
 
 
 # ---------------------------------------------------------------- one epoch
@@ -104,7 +106,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     window = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, samples
     epoch_tot = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss sum, samples, wait s, step s, images
     win_wait = win_time = 0.0
-    win_images = 0
+    win_images = win_steps = 0
     it = iter(loader)
     while True:
         t0 = time.perf_counter()
@@ -129,9 +131,12 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                                torch.tensor(labels.numel(), dtype=torch.float64, device=ctx.device)])
         win_wait += t1 - t0
         win_images += labels.numel()
+        win_steps += 1
         if pos.step % cfg.log_every == 0 or pos.epoch_step == len(loader):
             loss_sum, n = window.tolist()  # syncs the device: the step times below are real
             win_time += time.perf_counter() - t0
+            if ctx.gauges is not None:
+                ctx.gauges.window(win_images, win_steps, win_wait, win_time)
             sums = all_reduce_sum([loss_sum, n, win_wait, win_time, win_images])
             _add(epoch_tot, sums)
             figures = _rates(sums, ctx.world_size)
@@ -143,7 +148,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                          fmt_pct(figures["data_wait"]))
             window.zero_()
             win_wait = win_time = 0.0
-            win_images = 0
+            win_images = win_steps = 0
         else:
             win_time += time.perf_counter() - t0
         hooks.after_step(epoch, pos, batch[2], len(loader))
@@ -264,7 +269,7 @@ def train_worker(config: dict) -> None:
         schedule.load_state_dict(ckpt["scheduler"])
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     metrics = MetricsLog(run / METRICS, resume_epoch=pos.epoch, resume_step=pos.step) if rank == 0 else None
-    ctx = Ctx(cfg, device, rank, world_size, metrics)
+    ctx = Ctx(cfg, device, rank, world_size, metrics, TrainMetrics(rank))
     ledger = SampleLedger(run, rank, int(attempt), cfg.audit_samples)
     if rank == 0:
         log.info("%s: %d worker(s) x batch %d = %d per step, %d steps/epoch, peak lr %.4g, %d classes, %d val",
@@ -295,6 +300,7 @@ def train_worker(config: dict) -> None:
         val = evaluate(model, val_loader, val_size, ctx)
         skipped = int(all_reduce_sum([len(train_loader.skipped) - skipped_before])[0] + val.pop("val_skipped"))
         schedule.after_epoch(val["top1"])
+        ctx.gauges.epoch(val["top1"], val["top5"])
         pos.epoch, pos.epoch_step, pos.epoch_samples = epoch, 0, 0
         if rank == 0:
             metrics.log_epoch(epoch, pos.step, train["loss"], current_lr(optimizer), train["images_per_s"],

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
 HEAD_PORT=${RAY_HEAD_PORT:-6379}
+METRICS_PORT=${RAY_METRICS_PORT:-8080}  # Prometheus scrapes http://127.0.0.1:$METRICS_PORT/metrics
 STATE=${RAY_LOCAL_STATE:-$ROOT/runs/cluster}
 PIDFILE=$STATE/head.pid
 mkdir -p "$STATE"
@@ -29,7 +30,7 @@ export RAY_AUTH_MODE=token
 
 setsid ray start --head --block --disable-usage-stats \
     --node-ip-address=127.0.0.1 --port="$HEAD_PORT" \
-    --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" "$@" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --metrics-export-port="$METRICS_PORT" "$@" \
     >"$STATE/head.log" 2>&1 </dev/null &
 echo $! >"$PIDFILE"
 
@@ -45,6 +46,7 @@ for _ in $(seq 1 120); do
     if [[ $code =~ ^(200|401|403)$ ]]; then
         cat <<MSG
 Ray head up (pid $(cat "$PIDFILE")): GCS 127.0.0.1:$HEAD_PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT, token auth on.
+Prometheus metrics (ray_alexnet_* while a run trains): http://127.0.0.1:$METRICS_PORT/metrics
 In the shell that submits jobs:
   export RAY_AUTH_MODE=token PATH=$ROOT/.venv/bin:\$PATH
   ray job submit --address http://127.0.0.1:$DASHBOARD_PORT --working-dir . -- python orchestration/train.py \\
