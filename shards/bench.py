@@ -50,6 +50,7 @@ from shards.writer import sample_blob
 IMAGENET_TRAIN = 1_281_167
 CORPORA = {"photo": 256, "demo": 128}  # name: shorter side packed at
 PHOTO_SIZE = (500, 375)
+HEAD_IMAGES = 16  # the start-up run's images
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -112,25 +113,22 @@ def corpus(work: Path, name: str, images: int) -> Path:
     return root
 
 
-def subset(src: Path, fraction: float) -> Path:
-    """A tree of hard links to every 1/fraction-th image of `src` (the same files, no copy)."""
-    dst = src.with_name(src.name + f"-part{round(1 / fraction)}")
+def head(src: Path, images: int) -> Path:
+    """A tree of hard links to the first `images` images of `src` (same files, no copy): the
+    packer's start-up cost, measured to subtract it."""
+    dst = src.with_name(f"{src.name}-head{images}")
     if not (dst / "LOC_synset_mapping.txt").is_file():
         shutil.rmtree(dst, ignore_errors=True)
-        step = round(1 / fraction)
-        for i, f in enumerate(sorted((src / "train").rglob("*.JPEG"))):
-            if i % step == 0:
-                (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-                os.link(f, dst / f.relative_to(src))
+        for f in sorted((src / "train").rglob("*.JPEG"))[:images]:
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            os.link(f, dst / f.relative_to(src))
         shutil.copy(src / "LOC_synset_mapping.txt", dst / "LOC_synset_mapping.txt")
     return dst
 
 
 # ------------------------------------------------------------------ the bound
-def bound_rate(files: list[str], shorter_side: int) -> tuple[float, float]:
-    """(images/s, CPU seconds per image) of plain PIL (decode, RGB, BILINEAR resize, q90
-    encode) in this process."""
-    t0, c0 = time.perf_counter(), time.process_time()
+def bound_loop(files: list[str], shorter_side: int) -> None:
+    """Plain PIL on each file: decode, RGB, BILINEAR resize to the packer's size, q90 encode."""
     for path in files:
         with Image.open(path) as img:
             rgb = img.convert("RGB")
@@ -138,47 +136,70 @@ def bound_rate(files: list[str], shorter_side: int) -> tuple[float, float]:
             if size != rgb.size:
                 rgb = rgb.resize(size, Image.BILINEAR)
             rgb.save(io.BytesIO(), "JPEG", quality=90)
-    return len(files) / (time.perf_counter() - t0), (time.process_time() - c0) / len(files)
 
 
-def _bound_part(job: tuple[list[str], int]) -> tuple[float, float]:
-    return bound_rate(*job)
+def _bound_part(job: tuple[list[str], int, object]) -> tuple[float, float, float]:
+    files, shorter_side, barrier = job
+    bound_loop(files[:4], shorter_side)  # warm the code paths
+    barrier.wait()  # every process starts together: the cores are shared as in the packer
+    t0, c0 = time.perf_counter(), time.process_time()
+    bound_loop(files, shorter_side)
+    return t0, time.perf_counter(), time.process_time() - c0
 
 
 def parallel_bound(files: list[Path], shorter_side: int, cores: int) -> tuple[float, float]:
-    """(images/s summed over `cores` processes of the plain loop on disjoint parts, timed
-    inside each; their mean CPU seconds per image)."""
-    parts = [([str(f) for f in files[i::cores]], shorter_side) for i in range(cores)]
-    with mp.get_context("spawn").Pool(cores) as pool:
-        done = pool.map(_bound_part, parts, chunksize=1)
-    return sum(r for r, _ in done), sum(c for _, c in done) / len(done)
+    """(images/s, CPU seconds per image) of the plain loop in `cores` processes at once on
+    disjoint parts: all the images over the time from the first start to the last end
+    (start-up excluded: the processes wait at a barrier after importing)."""
+    manager = mp.get_context("spawn").Manager()
+    barrier = manager.Barrier(cores)
+    parts = [([str(f) for f in files[i::cores]], shorter_side, barrier) for i in range(cores)]
+    try:
+        with mp.get_context("spawn").Pool(cores) as pool:
+            done = pool.map(_bound_part, parts, chunksize=1)
+    finally:
+        manager.shutdown()
+    span = max(end for _, end, _ in done) - min(start for start, _, _ in done)
+    return len(files) / span, sum(cpu for _, _, cpu in done) / len(files)
 
 
 # ------------------------------------------------------------------ a packer run, measured
 _RUN = """
 import inspect, json, resource, sys, time
-from shards.pack import build
 args = json.loads(sys.argv[1])
+sys.path.insert(0, args.pop("root"))
+import tqdm.std
+from shards.pack import build
+ticks = []  # the packer moves its progress bar once per input (disabled or not): when each was done
+update = tqdm.std.tqdm.update
+def tick(self, n=1):
+    ticks.append(time.perf_counter())
+    return update(self, n)
+tqdm.std.tqdm.update = tick
 profile = {}
 extra = {"profile": profile} if "profile" in inspect.signature(build).parameters else {}
 t0 = time.perf_counter()
 s = build(args.pop("source"), args.pop("out"), progress=False, **args, **extra)
 wall = time.perf_counter() - t0
+q = len(ticks) // 4
+steady = (len(ticks) - 1 - q) / (ticks[-1] - ticks[q]) if len(ticks) > 8 else float("nan")
 me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps({"wall_s": wall, "packed": s.packed, "rejected": s.rejected, "shards": s.shards, "bytes": s.bytes,
-                  "main_cpu_s": me.ru_utime + me.ru_stime, "workers_cpu_s": kids.ru_utime + kids.ru_stime,
-                  "main_rss_mb": me.ru_maxrss / 1024, "worker_rss_mb": kids.ru_maxrss / 1024, "profile": profile}))
+print(json.dumps({"wall_s": wall, "steady_img_s": steady, "packed": s.packed, "rejected": s.rejected,
+                  "shards": s.shards, "bytes": s.bytes, "main_cpu_s": me.ru_utime + me.ru_stime,
+                  "workers_cpu_s": kids.ru_utime + kids.ru_stime, "main_rss_mb": me.ru_maxrss / 1024,
+                  "worker_rss_mb": kids.ru_maxrss / 1024, "profile": profile}))
 """
 
 
 def measure_pack(source: Path, out: Path, packer_root: Path | None = None, **settings) -> dict:
     """Run `build(source, out, **settings)` in a fresh process (the shards package of
-    `packer_root`, default this one); returns its wall time (inside `build`), CPU seconds
-    and peak RSS (MB) of the packer process and of its largest worker, and its profile."""
+    `packer_root`, default this one); returns its wall time (inside `build`), its steady rate
+    (inputs after the first quarter over the time they took), CPU seconds and peak RSS (MB)
+    of the packer process and of its largest worker, and its profile."""
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(packer_root or ROOT)}
-    args = json.dumps({"source": str(source), "out": str(out), **settings})
-    res = subprocess.run([sys.executable, "-c", _RUN, args], env=env, capture_output=True, text=True, timeout=3600)
+    root = str(packer_root or ROOT)
+    args = json.dumps({"source": str(source), "out": str(out), "root": root, **settings})
+    res = subprocess.run([sys.executable, "-c", _RUN, args], cwd=root, capture_output=True, text=True, timeout=3600)
     if res.returncode != 0:
         raise RuntimeError(f"packer run failed: {res.stderr.strip()[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -201,19 +222,17 @@ def stage_profile(files: list[Path], shorter_side: int) -> dict:
     return {k: round(v / len(files) * 1e3, 3) for k, v in clock.items()}
 
 
-def _round(files: int, small: int, full: dict, quarter: dict, bound: float, bound_cpu: float) -> dict:
-    n = files - small
-    marginal = n / max(full["wall_s"] - quarter["wall_s"], 1e-9)
-    main_cpu = (full["main_cpu_s"] - quarter["main_cpu_s"]) / n
-    workers_cpu = (full["workers_cpu_s"] - quarter["workers_cpu_s"]) / n
-    prof = full["profile"]
-    steady = prof["steady_images"] / prof["steady_s"] if prof.get("steady_s") else float("nan")
-    return {"packer_img_s": files / full["wall_s"], "marginal_img_s": marginal, "steady_img_s": steady,
-            "ratio_steady": steady / bound,
-            "fixed_s": full["wall_s"] - files / marginal, "ratio_marginal": marginal / bound,
-            "ratio_e2e": files / full["wall_s"] / bound, "main_cpu_ms": main_cpu * 1e3,
-            "workers_cpu_ms": workers_cpu * 1e3, "ratio_cpu": bound_cpu / (main_cpu + workers_cpu),
-            "main_rss_mb": full["main_rss_mb"], "worker_rss_mb": full["worker_rss_mb"]}
+def _round(files: int, run: dict, start: dict, bound: float, bound_cpu: float) -> dict:
+    """One packer run against the bound of its round; `start` is a run on HEAD_IMAGES images,
+    whose CPU (start-up, mostly imports) is subtracted from the CPU per image."""
+    n = files - HEAD_IMAGES
+    main = (run["main_cpu_s"] - start["main_cpu_s"]) / n
+    workers = (run["workers_cpu_s"] - start["workers_cpu_s"]) / n
+    return {"packer_img_s": files / run["wall_s"], "steady_img_s": run["steady_img_s"],
+            "fixed_s": run["wall_s"] - files / run["steady_img_s"], "ratio_steady": run["steady_img_s"] / bound,
+            "ratio_e2e": files / run["wall_s"] / bound, "main_cpu_ms": main * 1e3, "workers_cpu_ms": workers * 1e3,
+            "ratio_cpu": bound_cpu / (main + workers), "main_rss_mb": run["main_rss_mb"],
+            "worker_rss_mb": run["worker_rss_mb"]}
 
 
 def run(work: Path, images: int, cores: int, rounds: int, corpora: list[str], packers: dict[str, Path]) -> dict:
@@ -223,29 +242,27 @@ def run(work: Path, images: int, cores: int, rounds: int, corpora: list[str], pa
     for name in corpora:
         shorter_side = CORPORA[name]
         src = corpus(work, name, images)
-        part = subset(src, 0.25)
         files = sorted((src / "train").rglob("*.JPEG"))
-        small = len(list((part / "train").rglob("*.JPEG")))
         in_mb = sum(f.stat().st_size for f in files) / 1e6
         for f in files:  # the page cache holds the corpus for every run below
             f.read_bytes()
+        start_tree = head(src, HEAD_IMAGES)
         settings = dict(splits=["train"], shorter_side=shorter_side, workers=cores, shard_size_mb=16)
         rows: dict[str, list[dict]] = {k: [] for k in packers}
         bounds, profiles = [], {}
         for _ in range(rounds):
             b1, c1 = parallel_bound(files, shorter_side, cores)
-            runs = {}
-            for key, root in packers.items():
-                runs[key] = (measure_pack(src, work / f"{name}-out", root, **settings),
-                             measure_pack(part, work / f"{name}-out", root, **settings))
+            runs = {key: (measure_pack(src, work / f"{name}-out", root, **settings),
+                          measure_pack(start_tree, work / f"{name}-out", root, **settings))
+                    for key, root in packers.items()}
             b2, c2 = parallel_bound(files, shorter_side, cores)
             bound, bound_cpu = (b1 + b2) / 2, (c1 + c2) / 2
             bounds.append({"bound_img_s": bound, "bound_cpu_ms": bound_cpu * 1e3})
-            for key, (full, quarter) in runs.items():
-                rows[key].append(_round(len(files), small, full, quarter, bound, bound_cpu))
-                profiles.setdefault(key, full["profile"])
+            for key, (r, start) in runs.items():
+                rows[key].append(_round(len(files), r, start, bound, bound_cpu))
+                profiles.setdefault(key, r["profile"])
         med_bound = {k: round(statistics.median(b[k] for b in bounds), 3) for k in bounds[0]}
-        entry = {"images": len(files), "quarter": small, "shorter_side": shorter_side, "input_mb": round(in_mb, 1),
+        entry = {"images": len(files), "shorter_side": shorter_side, "input_mb": round(in_mb, 1),
                  "bound": med_bound, "bound_rounds": [{k: round(v, 3) for k, v in b.items()} for b in bounds],
                  "stages_ms_per_image": stage_profile(files[: min(len(files), 200)], shorter_side), "packers": {}}
         for key, rs in rows.items():
@@ -253,10 +270,10 @@ def run(work: Path, images: int, cores: int, rounds: int, corpora: list[str], pa
             entry["packers"][key] = {
                 "median": med, "rounds": [{k: round(v, 3) for k, v in r.items()} for r in rs],
                 "profile_ms_per_image": {k: round(v / len(files) * 1e3, 3) for k, v in profiles[key].items()
-                                         if k.endswith("_s") and k not in ("wall_s", "discover_s", "steady_s")},
+                                         if k.endswith("_s") and k not in ("wall_s", "discover_s")},
                 "projected_imagenet_train_h": {
                     str(c): round(IMAGENET_TRAIN / (med_bound["bound_img_s"] / cores * c
-                                                    * min(1.0, med["ratio_marginal"])) / 3600, 2) for c in (2, 32)},
+                                                    * min(1.0, med["ratio_steady"])) / 3600, 2) for c in (2, 32)},
             }
         results["corpora"][name] = entry
     return results

@@ -91,8 +91,11 @@ def _orientation(img: Image.Image) -> int:
 
 
 def _pixel_stats(rgb: Image.Image) -> tuple[int, tuple, tuple]:
-    pick = np.asarray(rgb.resize((STATS_GRID, STATS_GRID), Image.NEAREST), dtype=np.float64).reshape(-1, 3) / 255.0
-    return len(pick), tuple(pick.sum(0).tolist()), tuple((pick.T @ pick).ravel().tolist())
+    grid = np.asarray(rgb.resize((STATS_GRID, STATS_GRID), Image.NEAREST)).reshape(-1, 3)
+    a = np.ones((len(grid), 4))
+    np.multiply(grid, 1 / 255.0, out=a[:, :3])
+    m = a.T @ a  # one product: the outer-product sum [:3, :3] and the sums [3, :3]
+    return len(grid), tuple(m[3, :3].tolist()), tuple(m[:3, :3].ravel().tolist())
 
 
 def _errno_name(e: OSError) -> str:

@@ -127,6 +127,9 @@ class PackOutput:
         if state is None:
             state = {"fingerprint": fingerprint, "settings": settings, "complete": False}
             self.save_state(state)
+        if not self.remote:  # temp files of the state and set files a killed run left behind
+            for p in [*(self.work / PACK_DIR).glob("*.tmp"), *self.work.glob("*.tmp")]:
+                p.unlink(missing_ok=True)
         return state
 
     def save_state(self, state: dict) -> None:
@@ -161,11 +164,14 @@ class PackOutput:
         shards sealed but never committed) are removed."""
         d = self.work / split
         d.mkdir(parents=True, exist_ok=True)
-        if not self.remote:
-            (self.work / PACK_DIR / split).mkdir(parents=True, exist_ok=True)
-        for p in d.iterdir():
-            if p.name.endswith(".tmp") or (self.remote and p.name.endswith((TAR_SUFFIX, IDX_SUFFIX))):
-                p.unlink()
+        stale = [p for p in d.iterdir()
+                 if p.name.endswith(".tmp") or (self.remote and p.name.endswith((TAR_SUFFIX, IDX_SUFFIX)))]
+        if not self.remote:  # a kill during a journal write leaves its temp file there
+            journal = self.work / PACK_DIR / split
+            journal.mkdir(parents=True, exist_ok=True)
+            stale += [p for p in journal.iterdir() if p.name.endswith(".tmp")]
+        for p in stale:
+            p.unlink(missing_ok=True)
         return d
 
     def commit(self, split: str, writer: ShardWriter, record: dict, part: bytes) -> None:
@@ -206,6 +212,11 @@ class PackOutput:
         then their records from the last one, so the journal stays a prefix of the plan, and
         their shards."""
         (self.loc / MANIFEST_FILE).delete()
+        state_loc = self.loc / PACK_DIR / STATE_FILE
+        state = json.loads(state_loc.read_bytes()) if state_loc.is_file() else None
+        if state is not None and state.get("complete"):
+            state["complete"] = False
+            self.save_state(state)
         for rec in reversed(records):
             (self.loc / PACK_DIR / split / (rec["shard"] + ".json")).delete()
             (self.loc / PACK_DIR / split / (rec["shard"] + PART_SUFFIX)).delete()

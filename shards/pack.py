@@ -144,13 +144,6 @@ class _Progress:
         self.in_bytes = self.out_bytes = self.packed = self.done = 0
         self._uploads = remote_uploads
         self._shown = 0.0
-        # the steady rate: images after the first quarter over the time they took (no start-up)
-        self._quarter, self.t_quarter, self.t_last = total // 4, None, None
-
-    def steady(self) -> dict:
-        if self.t_quarter is None or self.t_last is None or self.done <= self._quarter:
-            return {}
-        return {"steady_images": self.done - self._quarter, "steady_s": self.t_last - self.t_quarter}
 
     def update(self, in_bytes: int, out_bytes: int, packed: bool) -> None:
         self.in_bytes += in_bytes
@@ -159,9 +152,6 @@ class _Progress:
         self.done += 1
         self.bar.update(1)
         now = time.monotonic()
-        self.t_last = now
-        if self.done == self._quarter:
-            self.t_quarter = now
         if now - self._shown >= 0.5 and not self.bar.disable:
             self._shown = now
             elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
@@ -446,7 +436,7 @@ def _pack(tree: SourceTree, output: PackOutput, splits: tuple[str, ...], shorter
     finally:
         bar.close()
     if profile is not None:
-        profile.update(timing, **bar.steady(), images=bar.done, in_bytes=bar.in_bytes, out_bytes=bar.out_bytes)
+        profile.update(timing, images=bar.done, in_bytes=bar.in_bytes, out_bytes=bar.out_bytes)
     return PackSummary(*counts, wall_s=0.0, remote=output.remote, kept=sum(len(d) for d in done.values()),
                        uploaded=output.uploads.shards, upload_bytes=output.uploads.bytes, upload_s=upload_s,
                        retried=retried)

@@ -34,12 +34,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _ustar_header(name: bytes, size: int) -> bytes:
+    """The header `tarfile` writes for a regular file with an ASCII name of at most 100 bytes
+    (PAX format needs no extended header then): built directly, ~10x faster than `tobuf`."""
+    head = b"".join((name, b"\0" * (100 - len(name)), b"0000644\0", b"0000000\0", b"0000000\0",
+                     b"%011o\0" % size, b"%011o\0" % MTIME, b" " * 8, tarfile.REGTYPE, b"\0" * 100,
+                     tarfile.POSIX_MAGIC, b"\0" * 64, b"\0" * 16, b"\0" * 155, b"\0" * 12))
+    checksum = b"%06o\0" % (sum(head))  # the 8 spaces stand in for the checksum field, as tarfile counts it
+    return head[:148] + checksum + head[155:]
+
+
 def tar_member(name: str, data: bytes) -> tuple[bytes, int]:
     """(header + data + padding, length of the header) of one regular-file member, as
     `tarfile` (PAX format) writes it."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), MTIME, 0o644
-    header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    if name.isascii() and len(name) <= 100 and len(data) < 8 ** 11:
+        header = _ustar_header(name.encode("ascii"), len(data))
+    else:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), MTIME, 0o644
+        header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
     return header + data + b"\0" * (-len(data) % _BLOCK), len(header)
 
 

@@ -114,3 +114,27 @@ def test_empty_or_broken_tar_raises_one_clear_line(tmp_path: Path) -> None:
     junk.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ValueError, match="not a readable tar"):
         index_bytes(junk)
+
+
+@pytest.mark.parametrize("name", ["k.jpg", "n01440764_10026.jpg", "x" * 96 + ".cls", "y" * 101 + ".jpg",
+                                  "caf\u00e9.jpg"])
+def test_shard_writer_tars_are_the_bytes_tarfile_writes(tmp_path: Path, name: str) -> None:
+    """The writer builds tar headers itself (in the encoder workers): byte for byte what
+    tarfile writes in PAX format, for short ASCII names and for names that need a PAX header."""
+    from shards.writer import ShardWriter
+
+    samples = [(name.replace(".", "_", 1).rsplit(".", 1)[0] + str(i), bytes([i]) * size, i)
+               for i, size in enumerate((0, 1, 511, 512, 513, 45_000))]
+    writer = ShardWriter(tmp_path, "shard-000000.tar")
+    for key, data, label in samples:
+        writer.add(key, data, label)
+    writer.publish()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, data, label in samples:
+            for member, blob in ((f"{key}.jpg", data), (f"{key}.cls", str(label).encode())):
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime, info.mode = len(blob), 0, 0o644
+                tar.addfile(info, io.BytesIO(blob))
+    assert (tmp_path / "shard-000000.tar").read_bytes() == buf.getvalue()
+    assert (tmp_path / "shard-000000.idx").read_bytes() == index_bytes(tmp_path / "shard-000000.tar")

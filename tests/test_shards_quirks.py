@@ -148,6 +148,8 @@ def make_special(train: Path) -> None:
     with open(os.fsencode(train / "n00000003") + b"/caf\xe9.JPEG", "wb") as f:
         f.write(jpeg(50, 70, seed=16))
     (train / "stray.JPEG").write_bytes(jpeg(20, 20, seed=17))  # not in a class folder
+    shutil.move(train / "n00000003", elsewhere / "class-3")  # a class folder that is a symbolic link
+    (train / "n00000003").symlink_to(elsewhere / "class-3")
 
 
 def listed(root: Path, split: str) -> set[str]:
