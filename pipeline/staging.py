@@ -17,6 +17,7 @@ pipeline has open stays readable after its unlink, as POSIX files do).
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -65,6 +66,7 @@ class ShardCache:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self._evicting = threading.RLock()
         self.fetched_bytes = 0  # downloaded by this process (for the benchmark)
         self.fetch_s = 0.0
 
@@ -181,18 +183,20 @@ class ShardCache:
             if final.is_file():
                 log.warning("%s: cached copy is truncated or corrupt; fetching it again", final)
                 final.unlink()
-            if size and not self._evict(size) and rel not in self._pinned:
-                return final  # a prefetch that does not fit beside the current pass: fetched when needed
-            tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            t0 = time.perf_counter()
-            try:
-                (self.root / rel).download(tmp)
-                if not self._matches(tmp, size, sha):
-                    raise StorageError(f"{self.root / rel}: downloaded {tmp.stat().st_size} bytes that do not match "
-                                       f"{SHARDS_FILE} ({size} bytes, sha256 {sha}); re-upload the shard")
-                os.replace(tmp, final)
-            finally:
-                tmp.unlink(missing_ok=True)
+            # with a bound, making room and filling it is one step (the prefetch thread fetches too)
+            with self._evicting if self.max_bytes else contextlib.nullcontext():
+                if size and not self._evict(size) and rel not in self._pinned:
+                    return final  # a prefetch that does not fit beside the current pass: fetched when needed
+                tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+                t0 = time.perf_counter()
+                try:
+                    (self.root / rel).download(tmp)
+                    if not self._matches(tmp, size, sha):
+                        raise StorageError(f"{self.root / rel}: downloaded {tmp.stat().st_size} bytes that do not "
+                                           f"match {SHARDS_FILE} ({size} bytes, sha256 {sha}); re-upload the shard")
+                    os.replace(tmp, final)
+                finally:
+                    tmp.unlink(missing_ok=True)
             self.fetch_s += time.perf_counter() - t0
             self.fetched_bytes += final.stat().st_size
             self._checked.add(rel)
@@ -206,21 +210,29 @@ class ShardCache:
 
     def _evict(self, incoming: int) -> bool:
         """Delete least recently used shards (never the current pass's) until `incoming` more
-        bytes fit under max_bytes; False when they cannot."""
+        bytes fit under max_bytes; False when they cannot. Serialised within the process (the
+        prefetch thread evicts too); files another process removes meanwhile are skipped."""
         if not self.max_bytes:
             return True
-        held = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.glob(f"*/*{TAR_SUFFIX}")]
-        total = sum(s for _, s, _ in held)
-        for _, size, path in sorted(held):
-            if total + incoming <= self.max_bytes:
-                break
-            rel = f"{path.parent.name}/{path.name}"
-            if rel in self._pinned:
-                continue
-            path.unlink(missing_ok=True)
-            self._checked.discard(rel)
-            total -= size
-        return total + incoming <= self.max_bytes
+        with self._evicting:
+            held = []
+            for path in self.dir.glob(f"*/*{TAR_SUFFIX}"):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                held.append((st.st_mtime, st.st_size, path))
+            total = sum(s for _, s, _ in held)
+            for _, size, path in sorted(held):
+                if total + incoming <= self.max_bytes:
+                    break
+                rel = f"{path.parent.name}/{path.name}"
+                if rel in self._pinned:
+                    continue
+                path.unlink(missing_ok=True)
+                self._checked.discard(rel)
+                total -= size
+            return total + incoming <= self.max_bytes
 
 
 def _touch(path: Path) -> None:
