@@ -96,15 +96,21 @@ def ray_train_workers() -> list[int]:
 
 
 def kill_a_worker_when(run_dir: Path, marker: str, timeout: float = 300, sig: int = signal.SIGKILL,
-                       delay: float = 0.5) -> threading.Thread:
+                       delay: float = 0.5, writing: bool = False) -> threading.Thread:
     """In the background: once Ray has registered the checkpoint `marker` (its record names
-    it), SIGKILL one Ray Train worker process, as a node's OOM killer or a crash would."""
+    it), or with `writing` as soon as its folder appears (Ray is still copying it in), SIGKILL
+    one Ray Train worker process, as a node's OOM killer or a crash would."""
     record = run_dir / "checkpoint_manager_snapshot.json"
+
+    def due() -> bool:
+        if writing:
+            return (run_dir / marker).exists()
+        return record.is_file() and marker in record.read_text(errors="replace")
 
     def watch() -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if record.is_file() and marker in record.read_text(errors="replace"):
+            if due():
                 time.sleep(delay)  # into the next steps: the kill lands mid-epoch, between checkpoints
                 for pid in ray_train_workers():
                     os.kill(pid, sig)
@@ -116,13 +122,17 @@ def kill_a_worker_when(run_dir: Path, marker: str, timeout: float = 300, sig: in
     return thread
 
 
-def test_sigkill_of_a_worker_mid_epoch_resumes_exactly(reference, demo_shards, tmp_path):
+@pytest.mark.parametrize("marker,writing,resumed", [
+    ("epoch-0000-step-0000003", False, (3, 6)),  # epoch 1, between two step checkpoints
+    ("epoch-0001-step-0000010", True, (7, 10)),  # epoch 2, while the step-10 checkpoint is written
+])
+def test_sigkill_of_a_worker_mid_epoch_resumes_exactly(reference, demo_shards, tmp_path, marker, writing, resumed):
     run_dir = tmp_path / "runs" / "killed"
-    watcher = kill_a_worker_when(run_dir, "epoch-0000-step-0000003")
+    watcher = kill_a_worker_when(run_dir, marker, writing=writing, delay=0.0 if writing else 0.5)
     assert train.main(["--config", str(config(tmp_path, demo_shards, "killed"))]) == 0
     watcher.join(5)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["restarts"] == 1 and summary["resumed_at"][0] in (3, 6)
+    assert summary["restarts"] == 1 and summary["resumed_at"][0] in resumed
     assert_same_run(run_dir, reference)
 
 
