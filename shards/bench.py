@@ -1,29 +1,31 @@
 """`python -m shards.bench`: the packer's rate against the PIL bound, and where its time goes.
 
 Bound = plain PIL on the same files: open, decode, convert to RGB, BILINEAR resize to the
-packer's target size, JPEG q90 encode, as a loop in `cores` processes on disjoint parts,
-each timed inside itself (start-up excluded): per core x cores, under the same load.
-Packer = `shards.pack.build --workers cores`, in a fresh process, on the whole corpus and on
-a quarter of it (hard links to the same files); its marginal rate (images between the two
-runs over the time between them) leaves out the fixed costs (interpreter, pool start-up,
-listing, set files), which are reported on their own. Both read from the page cache (the
-corpus is read once first), so this measures CPU work, not disk. Each round runs bound,
-packer (all), packer (quarter), bound; the ratio is the median over rounds, so drift from
-other load on a shared machine hits both sides.
+packer's target size, JPEG q90 encode, in `cores` processes on disjoint parts that wait at a
+barrier after importing and then run at once: all the images over the time from the first
+start to the last end (start-up excluded, the cores shared as the packer shares them).
+Packer = `shards.pack.build --workers cores` in a fresh process; its steady rate is the
+inputs after the first quarter over the time they took (start-up, listing and set files
+left out), taken from when it moves its progress bar (it does once per input, shown or not,
+so any checkout can be measured: `--compare`). Both read from the page cache (the corpus is
+read once first), so this measures CPU work, not disk. Each round runs bound, each packer,
+bound; ratios are per round, and the median over rounds is reported, so drift from other
+load on a shared machine hits both sides. CPU per image (packer process and workers) has a
+run on HEAD_IMAGES images subtracted, which leaves out the start-up (imports).
 
 The profile splits one image's cost into the stages of `shards.encode` (read, decode,
-resize, encode, stats), building its tar members (`shards.writer.sample_blob`) and moving
-the result between processes (pickle out and back), all in one process; and from the
-packer runs, the packer process's own CPU per image (receiving, the single writer, parts)
-against the workers' CPU per image.
+resize, encode, stats), building its tar members (`shards.writer.sample_blob`) and pickling
+the result (what moves between processes), all in one process; and from a packer run, the
+seconds per image the packer process spent writing (the single writer: tar, index, parts),
+receiving results, and waiting for them, and how long the workers waited for work.
 
 Corpora (generated, deterministic, cached under --work):
   photo  photo-like 500x375 JPEGs (1/f texture over several octaves, colour, hard edges;
-         q90, ~100 KB each, the commonest ImageNet shape and size), packed at shorter side 256
+         q90, ~109 KB each, the commonest ImageNet shape and size), packed at shorter side 256
   demo   the demo tree's images (sides 300-600), packed at shorter side 128 as `make shards`
 
-`measure_pack` (a packer run in a fresh process: wall, CPU and peak RSS of the packer and of
-its largest worker) is also what the reliability tests measure memory with.
+`measure_pack` (a packer run in a fresh process: wall, steady rate, CPU and peak RSS of the
+packer and of its largest worker) is also what the reliability tests measure memory with.
 """
 from __future__ import annotations
 
@@ -184,9 +186,11 @@ wall = time.perf_counter() - t0
 q = len(ticks) // 4
 steady = (len(ticks) - 1 - q) / (ticks[-1] - ticks[q]) if len(ticks) > 8 else float("nan")
 me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+# this process's own peak: VmHWM (ru_maxrss can carry the parent's size over a fork + exec)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"wall_s": wall, "steady_img_s": steady, "packed": s.packed, "rejected": s.rejected,
                   "shards": s.shards, "bytes": s.bytes, "main_cpu_s": me.ru_utime + me.ru_stime,
-                  "workers_cpu_s": kids.ru_utime + kids.ru_stime, "main_rss_mb": me.ru_maxrss / 1024,
+                  "workers_cpu_s": kids.ru_utime + kids.ru_stime, "main_rss_mb": hwm / 1024,
                   "worker_rss_mb": kids.ru_maxrss / 1024, "profile": profile}))
 """
 
@@ -231,7 +235,10 @@ def _round(files: int, run: dict, start: dict, bound: float, bound_cpu: float) -
     return {"packer_img_s": files / run["wall_s"], "steady_img_s": run["steady_img_s"],
             "fixed_s": run["wall_s"] - files / run["steady_img_s"], "ratio_steady": run["steady_img_s"] / bound,
             "ratio_e2e": files / run["wall_s"] / bound, "main_cpu_ms": main * 1e3, "workers_cpu_ms": workers * 1e3,
-            "ratio_cpu": bound_cpu / (main + workers), "main_rss_mb": run["main_rss_mb"],
+            "ratio_cpu": bound_cpu / (main + workers), "bound_cpu_ms": bound_cpu * 1e3,
+            # the workers' own count of CPU from their first job on (packers that report it)
+            "workers_busy_cpu_ms": run["profile"].get("workers_cpu_s", float("nan")) / files * 1e3,
+            "main_rss_mb": run["main_rss_mb"],
             "worker_rss_mb": run["worker_rss_mb"]}
 
 

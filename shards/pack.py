@@ -42,6 +42,7 @@ from shards.location import is_remote, is_uri, resolve
 from shards.output import PackOutput
 from shards.sources import Item, SourceTree, discover
 from shards.stats import PixelMoments
+from shards.upload import Uploader
 from shards.workers import EncoderPool, WorkerDied
 from shards.writer import ShardWriter
 
@@ -170,7 +171,7 @@ class _Part:
     def __init__(self, start: int) -> None:
         self.start = start
         self.cols: dict[str, list] = {name: [] for name in PART_SCHEMA.names}
-        self.moments = PixelMoments()
+        self.count, self.sum, self.outer = 0, [0.0] * 3, [0.0] * 9  # pixel moments, summed in plan order
         self.unreadable: list[int] = []  # plan positions of the inputs that could not be read
 
     def row(self, item: Item, split: str, shard: str, label: int, width: int, height: int, nbytes: int) -> None:
@@ -185,12 +186,18 @@ class _Part:
         if reason.startswith(UNREADABLE):
             self.unreadable.append(pos)
 
+    def add_moments(self, count: int, s: tuple, outer: tuple) -> None:
+        self.count += count
+        self.sum = [a + b for a, b in zip(self.sum, s)]
+        self.outer = [a + b for a, b in zip(self.outer, outer)]
+
     def table(self) -> pa.Table:
         return pa.table(self.cols, schema=PART_SCHEMA)
 
     def record(self, end: int, shard: str | None, nbytes: int, samples: int, sha256: str | None) -> dict:
         return {"start": self.start, "end": end, "shard": shard, "bytes": nbytes, "samples": samples,
-                "sha256": sha256, "moments": self.moments.to_json(), "unreadable": self.unreadable}
+                "sha256": sha256, "moments": {"count": self.count, "sum": self.sum, "outer": self.outer},
+                "unreadable": self.unreadable}
 
 
 def _parquet(table: pa.Table) -> bytes:
@@ -214,6 +221,7 @@ def _pack_split(tree: SourceTree, output: PackOutput, split: str, plan: list[Ite
                          else map(encode_job, jobs))
     writer: ShardWriter | None = None
     part = _Part(start)
+    sealer = None if output.remote else Uploader(pending=1)  # a remote output's uploader already overlaps
     try:
         for pos, (in_bytes, res) in enumerate(results, start):
             t = time.perf_counter()
@@ -228,32 +236,48 @@ def _pack_split(tree: SourceTree, output: PackOutput, split: str, plan: list[Ite
             writer.add_blob(blob, members)
             part.row(item, split, writer.tar_path.name, tree.label(item.wnid), width, height, nbytes)
             if count:
-                part.moments.add(count, s, o)
+                part.add_moments(count, s, o)
             progress.update(in_bytes, nbytes, True)
             if writer.nbytes >= limit:
-                records.append(_seal(output, split, writer, part, pos + 1))
+                records.append(_seal(output, split, writer, part, pos + 1, sealer))
                 writer, part = None, _Part(pos + 1)
             timing["write_s"] += time.perf_counter() - t
+        if writer is not None:
+            records.append(_seal(output, split, writer, part, len(plan), sealer))
+            writer = None
+        elif part.cols["source"]:  # trailing rejects after the last shard: a shard-less record, not journaled
+            rec = part.record(len(plan), None, 0, 0, None)
+            rec["table"] = part.table()
+            records.append(rec)
+        if sealer is not None:
+            sealer.close()  # every shard of the split committed (or its error raised here)
     except BaseException:
         if writer is not None:
             writer.discard()  # no half-written shard is left behind (a full disk gets its space back)
+        if sealer is not None:
+            sealer.close(raise_errors=False)
         raise
-    if writer is not None:
-        records.append(_seal(output, split, writer, part, len(plan)))
-    elif part.cols["source"]:  # trailing rejects after the last shard: a shard-less record, not journaled
-        rec = part.record(len(plan), None, 0, 0, None)
-        rec["table"] = part.table()
-        records.append(rec)
 
 
-def _seal(output: PackOutput, split: str, writer: ShardWriter, part: _Part, end: int) -> dict:
-    try:
-        size = writer.seal()
-        record = part.record(end, writer.tar_path.name, size, writer.samples, writer.sha256)
-        output.commit(split, writer, record, _parquet(part.table()))
-    except BaseException:
-        writer.discard()
-        raise
+def _seal(output: PackOutput, split: str, writer: ShardWriter, part: _Part, end: int,
+          sealer: Uploader | None) -> dict:
+    """Finish the shard and commit it: on `sealer`'s thread when given (a local output: the
+    fsyncs and journal writes run while the next shard fills, so the workers never wait on
+    the disk), else here. Its record is returned at once (size and sha256 are known)."""
+    record = part.record(end, writer.tar_path.name, writer.finish(), writer.samples, writer.sha256)
+    table = part.table()
+
+    def commit() -> None:
+        try:
+            output.commit(split, writer, record, _parquet(table))
+        except BaseException:
+            writer.discard()
+            raise
+
+    if sealer is None:
+        commit()
+    else:
+        sealer.submit(commit)
     return record
 
 
@@ -371,7 +395,8 @@ def build(source: str | os.PathLike, out: str | os.PathLike, splits: tuple[str, 
     if profile is not None:
         profile.update(discover_s=t_discovered - t0, wall_s=summary.wall_s)
         if pool is not None:
-            profile.update(wait_s=pool.wait_s, recv_s=pool.recv_s)
+            profile.update(wait_s=pool.wait_s, recv_s=pool.recv_s, workers_idle_s=pool.idle_s,
+                           workers_cpu_s=pool.cpu_s)
     return summary
 
 
@@ -456,7 +481,8 @@ def _disk_full(output: PackOutput, plans: dict[str, list[Item]], records: dict[s
                  else bar.out_bytes / bar.packed if bar.packed else 0.0)
     left = sum(len(plans[s]) - (records[s][-1]["end"] if records.get(s) else 0) for s in plans)
     shards_left = math.ceil(left * per_image / limit) if limit else 0
-    need = 1.1 * (left * per_image + sum(len(p) for p in plans.values()) * SET_BYTES_PER_IMAGE
+    # + one shard: the one whose commit failed may already count as done in `records`
+    need = 1.1 * (left * per_image + limit + sum(len(p) for p in plans.values()) * SET_BYTES_PER_IMAGE
                   + (shards_left + 2) * FILES_PER_SHARD * BLOCK_SLACK)
     return DiskFull(errno.ENOSPC, f"{output.work}: disk full ({free:.1f} MB free); about {need / 1e6:.1f} MB more "
                                   f"are needed to finish ({left} images left, about {per_image / 1e3:.1f} KB each): "

@@ -98,25 +98,37 @@ class ShardWriter:
     def add(self, key: str, jpeg: bytes, label: int) -> None:
         self.add_blob(*sample_blob(key, jpeg, label))
 
-    def seal(self) -> int:
-        """Finish the tar and write the index, both as temp files, fsynced; returns the tar's
-        bytes (and sets `sha256`). `publish` then renames them into place."""
+    def finish(self) -> int:
+        """Write the end of the archive; returns the tar's bytes and sets `sha256` (no disk
+        wait: `sync` then makes it durable, possibly on another thread)."""
         self._write(b"\0" * (2 * _BLOCK))  # end-of-archive, then padding to a whole record
         self._write(b"\0" * (-self.nbytes % _RECORD))
+        self.sha256 = self._sha.hexdigest()
+        return self.nbytes
+
+    def sync(self) -> None:
+        """fsync the finished tar and write the index beside it, fsynced (both temp files)."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        self.sha256 = self._sha.hexdigest()
         with open(self._idx_tmp, "wb") as f:
             f.write(self._index.to_bytes())
             f.flush()
             os.fsync(f.fileno())
-        return self.nbytes
+
+    def seal(self) -> int:
+        """`finish` and `sync`: the tar and index as fsynced temp files; returns the tar's
+        bytes (and sets `sha256`). `publish` then renames them into place."""
+        size = self.finish()
+        self.sync()
+        return size
 
     def publish(self) -> int:
         """Rename the sealed index, then the tar, into place (sealing them first if needed)."""
         if self.sha256 is None:
             self.seal()
+        elif not self._file.closed:
+            self.sync()
         os.replace(self._idx_tmp, self.idx_path)
         os.replace(self._tmp, self.tar_path)
         fsync_dir(self.directory)

@@ -217,7 +217,7 @@ def test_packer_memory_does_not_grow_with_the_input(tmp_path: Path) -> None:
     print(f"\npeak RSS packer {at_2k['main_rss_mb']:.1f} MB at 2k, {at_8k['main_rss_mb']:.1f} MB at 8k "
           f"({per_image:.0f} B per extra input); largest worker {at_2k['worker_rss_mb']:.1f} / "
           f"{at_8k['worker_rss_mb']:.1f} MB; shards {at_2k['shards']} / {at_8k['shards']}")
-    assert per_image < 800, f"packer memory grows {per_image:.0f} B per input"  # it was ~1,450 B when the manifest was held
+    assert per_image < 1000, f"packer memory grows {per_image:.0f} B per input"  # ~1,450 B when the manifest was held
     assert at_8k["worker_rss_mb"] - at_2k["worker_rss_mb"] < 5
 
 
