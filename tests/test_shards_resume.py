@@ -78,3 +78,27 @@ def test_foreign_non_empty_output_is_refused(demo_tree: Path, tmp_path: Path) ->
     with pytest.raises(ValueError, match="not empty and not written by the packer"):
         build(demo_tree, out, splits=("val",), workers=1, progress=False)
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_a_journal_from_before_parts_resumes(demo_tree: Path, tmp_path: Path) -> None:
+    """Journals written before the per-shard parts held the rows and rejects in each record:
+    a re-run over one keeps its shards and writes the same manifest."""
+    import json
+
+    out = tmp_path / "legacy"
+    build(demo_tree, out, splits=("val",), shorter_side=64, shard_size_mb=0.05, workers=1, progress=False)
+    manifest = pq.read_table(out / MANIFEST_FILE)
+    for record in sorted((out / PACK_DIR / "val").glob("*.json")):
+        part = record.with_suffix(".parquet")
+        rows = pq.read_table(part).to_pylist()
+        rec = json.loads(record.read_text())
+        rec["rows"] = [[r[k] for k in manifest.column_names] for r in rows if r["reason"] is None]
+        rec["rejects"] = [[r["source"], r["split"], r["reason"]] for r in rows if r["reason"] is not None]
+        del rec["unreadable"]
+        record.write_text(json.dumps(rec))
+        part.unlink()
+    (out / MANIFEST_FILE).unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in split_tars(out, "val")}
+    again = build(demo_tree, out, splits=("val",), shorter_side=64, shard_size_mb=0.05, workers=1, progress=False)
+    assert again.kept == len(before) and {p.name: p.stat().st_mtime_ns for p in split_tars(out, "val")} == before
+    assert pq.read_table(out / MANIFEST_FILE).equals(manifest)
