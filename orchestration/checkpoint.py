@@ -10,19 +10,32 @@ Resuming (`restore`): `ray.train.get_checkpoint()` is the newest registered chec
 the same one for every rank, after a worker-group restart and on a re-run of the same
 storage_path and name (Ray reloads its record from the run directory); `epoch` inside is
 the number of epochs completed.
+
+A full disk (`StorageFull`, ENOSPC): on a local storage_path rank 0 checks the free space
+before Ray copies a checkpoint in, and `restore` checks it for the next one before training
+on; a copy that fails anyway (another writer took the space, no inodes left) is removed, so
+the storage never keeps half a checkpoint. Ray registers only completed copies, so the ones
+before stay loadable; the driver prints `failure_line`.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from torch import nn
+
+from orchestration.config import from_dict
+from orchestration.run_dir import ray_checkpoints, run_location
+from shards.location import Location
 
 KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "config")
 # Step checkpoints add where the run stands and every rank's own state (resume.py).
@@ -30,6 +43,14 @@ EXTRA_KEYS = ("position", "ranks")
 FILE = "checkpoint.pt"
 
 log = logging.getLogger("train")
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|\[errno (28|122)\]", re.I)
+
+
+class StorageFull(Exception):
+    """A checkpoint that does not fit on the run's storage, in one line: where, how much is
+    needed and free, what became of the copy. Raised on a worker; pickles through Ray."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -94,6 +115,66 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _statvfs(path: str | Path) -> os.statvfs_result:
+    """The filesystem of a local path (its nearest existing folder)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return os.statvfs(p)
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of a local path."""
+    st = _statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def free_text(path: str | Path) -> str:
+    """`N MB free`, and the files still free when a filesystem is nearly out of inodes."""
+    st = _statvfs(path)
+    inodes = f", inodes for {st.f_favail} more file(s)" if st.f_files and st.f_favail < 1000 else ""
+    return f"{_mb(st.f_bavail * st.f_frsize)} free{inodes}"
+
+
+def check_room(folder: str | Path, need: int, what: str, after: str) -> None:
+    """StorageFull unless the local `folder` has `need` bytes free for `what`."""
+    if free_bytes(folder) < need:
+        raise StorageFull(f"{folder}: No space left on device (ENOSPC) for {what}: {_mb(need)} needed, "
+                          f"{free_text(folder)}; {after}")
+
+
+def is_full(err: BaseException) -> bool:
+    """An OSError of a full disk or quota (ENOSPC, EDQUOT), by errno or pyarrow's text."""
+    return isinstance(err, OSError) and (err.errno in FULL_ERRNOS or bool(_FULL_TEXT.search(str(err))))
+
+
+def _upload(metrics: dict[str, Any], checkpoint: Any, name: str, run: Location | None, size: int) -> None:
+    """`ray.train.report` with rank 0's checkpoint; a copy that ran out of space is removed
+    from storage (Ray registers a checkpoint only after its copy completed, so this one is
+    in no record) and the failure becomes StorageFull."""
+    import ray.train
+
+    try:
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    except OSError as err:
+        if checkpoint is None or not is_full(err):
+            raise
+        try:
+            run.fs.delete_dir((run / name).path)
+            removed = "the partial copy was removed"
+        except FileNotFoundError:
+            removed = "nothing of it was left"
+        except OSError as gone:
+            removed = f"the partial copy could not be removed ({' '.join(str(gone).split())[:120]}): delete it"
+        free = f", {free_text(run.path)}" if not run.remote else ""
+        raise StorageFull(f"{run}: No space left on device (ENOSPC) while Ray Train copied checkpoint {name} "
+                          f"({_mb(size)}{free}) there; {removed}") from err
+
+
 def report(metrics: dict[str, Any], *, rank: int, save: bool, model: nn.Module,
            optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, config: dict[str, Any],
            step: int | None = None, **extra: Any) -> None:
@@ -104,19 +185,23 @@ def report(metrics: dict[str, Any], *, rank: int, save: bool, model: nn.Module,
     if not save:
         ray.train.report(metrics)
         return
+    name = dir_name(epoch, step)
     with tempfile.TemporaryDirectory(prefix="alexnet-ckpt-") as tmp:
-        checkpoint = None
+        checkpoint, run, size = None, None, 0
         if rank == 0:
             t0 = time.perf_counter()
             path = write_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                                     config=config, **extra)
-            size_mb, t_write = path.stat().st_size / 2**20, time.perf_counter() - t0
+            size, t_write = path.stat().st_size, time.perf_counter() - t0
+            run = run_location(from_dict(config).run_dir)
+            if not run.remote:  # before Ray's copy: a full disk is never filled up with half a checkpoint
+                check_room(run.path, size, f"checkpoint {name}", "nothing of it was written")
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         t1 = time.perf_counter()
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name(epoch, step))
+        _upload(metrics, checkpoint, name, run, size)
         if rank == 0:
             log.info("checkpoint %s: %.1f MB, written in %.2fs, reported in %.2fs (upload and barrier)",
-                     dir_name(epoch, step), size_mb, t_write, time.perf_counter() - t1)
+                     name, size / 2**20, t_write, time.perf_counter() - t1)
 
 
 def restore() -> dict[str, Any] | None:
@@ -126,9 +211,65 @@ def restore() -> dict[str, Any] | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
+    name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):  # the next one needs as much room
+        info = checkpoint.filesystem.get_file_info(f"{checkpoint.path.rstrip('/')}/{FILE}")
+        if info.type == pafs.FileType.File:
+            check_room(Path(checkpoint.path).parent, info.size, f"the checkpoints after {name}",
+                       "stopped before training on")
     t0 = time.perf_counter()
     with checkpoint.as_directory() as folder:  # remote: downloaded once per node, then removed
         state = load_checkpoint(Path(folder) / FILE)
-    log.info("checkpoint %s loaded in %.2fs", checkpoint.path.rstrip("/").rsplit("/", 1)[-1],
-             time.perf_counter() - t0)
+    log.info("checkpoint %s loaded in %.2fs", name, time.perf_counter() - t0)
     return state
+
+
+def _causes(err: BaseException):
+    """`err`, then what it wraps: a WorkerGroupError's per-rank failures (by rank), a
+    ControllerError's failure, and each one's __cause__/__context__ chain."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "worker_failures", None) or {}
+        todo.extend(failures[r] for r in sorted(failures))
+        todo.extend([getattr(e, "controller_failure", None), e.__cause__, e.__context__])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(e).__name__
+
+
+def failure_line(err: BaseException, run: Location) -> str:
+    """The driver's one line (after "error: ") for a run that Ray Train gave up on: a full
+    storage says where, how much, what was kept and what to do; anything else names the first
+    failing rank's exception. Both say that re-running the same command resumes."""
+    causes = list(_causes(err))
+    full = next((e for e in causes if isinstance(e, StorageFull)), None)
+    disk = next((e for e in causes if is_full(e)), None)
+    if full is None and disk is None:
+        failures = getattr(err, "worker_failures", None) or {}
+        inner = getattr(err, "controller_failure", None)
+        if failures:
+            rank = min(failures)
+            what = f"rank {rank}: {type(failures[rank]).__name__}: {_first_line(failures[rank])}"
+        else:
+            what = f"{type(inner).__name__}: {_first_line(inner)}" if inner is not None else _first_line(err)
+        return (f"training failed ({what[:300]}); re-run the same command to resume from the newest "
+                f"checkpoint Ray registered in {run}")
+    try:
+        kept = ray_checkpoints(run)
+    except Exception:  # the line must come out even if Ray's record cannot be read
+        kept = []
+    kept_line = (f"Ray's registered checkpoints are complete and kept (newest: {kept[-1]})" if kept
+                 else "No checkpoint was registered yet")
+    resume = f"it resumes from {kept[-1]}" if kept else "it starts from the beginning"
+    head = (f"checkpoint storage full: {full}" if full is not None
+            else f"storage full: {run}: {_first_line(disk)[:300]}")
+    return (f"{head}. {kept_line}. Free space there or enlarge the disk (room for keep_checkpoints + 1 "
+            f"checkpoints: a new one is written before the oldest is deleted), then re-run the same command: {resume}")
