@@ -19,12 +19,19 @@ Normalisation and lighting run in pixel units (0..255): `mean`/`std` are the sta
 values times 255. PCA lighting needs no custom operator: the per-image RGB offset
 `M @ alpha` (M = 255 * eigvec * eigval, alpha ~ N(0, 0.1) per image) is folded into a
 per-sample `mean` of `crop_mirror_normalize`, since (x + offset - mean) = (x - (mean - offset)).
+
+The graphs are chains of public steps, called inside a `@pipeline_def` on DALI nodes:
+`read_samples` -> `decode_rrc` (= `decode_rrc_window` + resize) or `decode_paper` (train),
+`decode_centre` (val, ten-crop) -> `crop_mirror_normalize`. The per-stage profile
+(`pipeline.bench.profile`) cuts the train graph after each of these same steps, so it times
+what the loader runs.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import DataNode
 
 from pipeline.shardset import IMAGE_EXTS, LABEL_EXT
 
@@ -36,10 +43,13 @@ FIVE_CROPS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))
 DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT16}
 
 
-def _read(tars, indexes, shard_id, num_shards, shuffle, initial_fill=1024):
-    """JPEG bytes, raw labels and raw keys of this rank's part. Val reads in order and pads
-    its part's last batch with repeats (the loader trims them by count), so no batch holds
-    samples of another part; train shuffles within a buffer of `initial_fill` samples."""
+def read_samples(tars: Sequence[str], indexes: Sequence[str], shard_id: int, num_shards: int, *,
+                 shuffle: bool, initial_fill: int = 1024) -> tuple[DataNode, DataNode, DataNode]:
+    """Step 1, read: (JPEG bytes, raw labels, raw keys) of this rank's part of `tars`. Val
+    (`shuffle=False`) reads in order and pads its part's last batch with repeats (the loader
+    trims them by count), so no batch holds samples of another part; train shuffles within
+    a buffer of `initial_fill` samples. Labels are the `.cls` bytes and keys the reader's
+    `source_info`, each zero-padded per batch."""
     jpegs, cls = fn.readers.webdataset(
         paths=list(tars), index_paths=list(indexes), ext=[";".join(IMAGE_EXTS), LABEL_EXT],
         name=READER,
@@ -63,15 +73,18 @@ def _stored_at(jpegs, side: int):
     return fn.reductions.min(fn.peek_image_shape(jpegs)[0:2]) == side
 
 
-def _decode_centre(jpegs, device: str, side: int, base: int):
-    """The centre side x side of the image with its shorter side resized to `base`."""
+def decode_centre(jpegs: DataNode, device: str, side: int, base: int) -> DataNode:
+    """Step 2 of val and ten-crop: the centre side x side of the image with its shorter side
+    resized to `base` (uint8 HWC; on the CPU, images stored at `base` are ROI-decoded)."""
     if device == "cpu" and _stored_at(jpegs, base):
         return fn.decoders.image_crop(jpegs, crop=(side, side), output_type=types.RGB)
     return fn.crop(_decode_resized(jpegs, device, base), crop=(side, side))
 
 
-def _decode_paper(jpegs, device: str, crop_size: int, base: int):
-    """A random crop_size patch of the central base x base square (shorter side to base)."""
+def decode_paper(jpegs: DataNode, device: str, crop_size: int, base: int) -> DataNode:
+    """Step 2 of train, `crop="paper"`: a random crop_size patch of the central base x base
+    square, shorter side to `base` (uint8 HWC; on the CPU, images stored at `base` decode
+    only the patch)."""
     u, v = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
     if device == "cpu" and _stored_at(jpegs, base):
         shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)
@@ -89,12 +102,18 @@ def _decode_resized(jpegs, device: str, base: int):
     return fn.resize(images, resize_shorter=base)
 
 
-def _decode_rrc(jpegs, device: str, crop_size: int, rrc_scale):
-    """RandomResizedCrop: ROI-decode a random window (area, aspect ratio), resize it."""
-    images = fn.decoders.image_random_crop(jpegs, device=_decoder(device), output_type=types.RGB,
-                                           random_area=list(rrc_scale),
-                                           random_aspect_ratio=list(RRC_RATIO))
-    return fn.resize(images, size=[crop_size, crop_size])
+def decode_rrc_window(jpegs: DataNode, device: str, rrc_scale: Sequence[float]) -> DataNode:
+    """RandomResizedCrop's first half: ROI-decode a random window (area fraction in
+    `rrc_scale`, aspect ratio in RRC_RATIO), at its stored size (uint8 HWC)."""
+    return fn.decoders.image_random_crop(jpegs, device=_decoder(device), output_type=types.RGB,
+                                         random_area=list(rrc_scale),
+                                         random_aspect_ratio=list(RRC_RATIO))
+
+
+def decode_rrc(jpegs: DataNode, device: str, crop_size: int, rrc_scale: Sequence[float]) -> DataNode:
+    """Step 2 of train, `crop="rrc"`: RandomResizedCrop, the random window
+    (`decode_rrc_window`) resized to crop_size x crop_size (uint8 HWC)."""
+    return fn.resize(decode_rrc_window(jpegs, device, rrc_scale), size=[crop_size, crop_size])
 
 
 def _decoder(device: str) -> str:
@@ -106,11 +125,12 @@ def train_pipeline(tars, indexes, shard_id, num_shards, *, device, crop, crop_si
                    rrc_scale, mean, std, lighting_matrix, dtype, initial_fill=1024):
     """read (shuffled) -> decode + crop (`rrc`, or `paper`: a random patch of the central
     resize_to square) -> flip p=0.5 -> PCA lighting -> normalise."""
-    jpegs, labels, keys = _read(tars, indexes, shard_id, num_shards, True, initial_fill)
+    jpegs, labels, keys = read_samples(tars, indexes, shard_id, num_shards, shuffle=True,
+                                       initial_fill=initial_fill)
     if crop == "rrc":
-        images = _decode_rrc(jpegs, device, crop_size, rrc_scale)
+        images = decode_rrc(jpegs, device, crop_size, rrc_scale)
     else:
-        images = _decode_paper(jpegs, device, crop_size, resize_to)
+        images = decode_paper(jpegs, device, crop_size, resize_to)
     images = fn.crop_mirror_normalize(
         images, mirror=fn.random.coin_flip(probability=0.5),
         mean=_lit_mean(mean, lighting_matrix) if lighting_matrix else list(mean), std=list(std),
@@ -122,8 +142,8 @@ def train_pipeline(tars, indexes, shard_id, num_shards, *, device, crop, crop_si
 def val_pipeline(tars, indexes, shard_id, num_shards, *, device, crop_size, resize_to, mean, std,
                  dtype):
     """read (in order) -> decode -> shorter side to resize_to -> centre crop -> normalise."""
-    jpegs, labels, keys = _read(tars, indexes, shard_id, num_shards, False)
-    images = _decode_centre(jpegs, device, crop_size, resize_to)
+    jpegs, labels, keys = read_samples(tars, indexes, shard_id, num_shards, shuffle=False)
+    images = decode_centre(jpegs, device, crop_size, resize_to)
     images = fn.crop_mirror_normalize(images, mean=list(mean), std=list(std), dtype=DTYPES[dtype],
                                       output_layout="CHW")
     return images, labels, keys
@@ -134,8 +154,8 @@ def ten_crop_pipeline(tars, indexes, shard_id, num_shards, *, device, crop_size,
                       std, dtype):
     """The paper's test protocol: the four corners and the centre of the central resize_to
     square, then the same five mirrored: images [10, 3, crop, crop] per sample."""
-    jpegs, labels, keys = _read(tars, indexes, shard_id, num_shards, False)
-    square = _decode_centre(jpegs, device, resize_to, resize_to)
+    jpegs, labels, keys = read_samples(tars, indexes, shard_id, num_shards, shuffle=False)
+    square = decode_centre(jpegs, device, resize_to, resize_to)
     views = [
         fn.crop_mirror_normalize(square, crop=(crop_size, crop_size), crop_pos_x=x, crop_pos_y=y,
                                  mirror=flip, mean=list(mean), std=list(std),

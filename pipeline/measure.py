@@ -5,7 +5,7 @@
 Each case reads `--batches` batches after one warm-up batch; the cases take turns within
 each repeat, so drift on a shared machine hits them all alike, and the ratios are
 reported against the torch baseline measured in the same run. (`make bench`,
-`pipeline/bench.py`, is the full benchmark; this is the quick check of issue 5.)
+`pipeline/bench/`, is the full benchmark; this is the quick check of issue 5.)
 """
 from __future__ import annotations
 

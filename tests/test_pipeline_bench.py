@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.bench_corpus import SIZE_MIX, CorpusSpec, ensure_corpus, image_size, synth_image
-from pipeline.bench_profile import PROFILE_STAGES
-from pipeline.bench_stats import figure
+from pipeline.bench.corpus import SIZE_MIX, CorpusSpec, ensure_corpus, image_size, synth_image
+from pipeline.bench.figures import figure
+from pipeline.bench.profile import PROFILE_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE_KEYS = {"median", "min", "max", "spread", "runs", "unit"}
@@ -175,7 +175,7 @@ def test_figure_reports_median_and_spread() -> None:
 def test_sources_roll_over_epochs_and_leave_restarts_untimed() -> None:
     import torch
 
-    from pipeline.bench_loaders import loader_source, measure_interleaved, time_window
+    from pipeline.bench.timing import loader_source, measure_interleaved, time_window
 
     epoch = [(torch.zeros(4, 3, 2, 2), torch.zeros(4)), (torch.zeros(3, 3, 2, 2), torch.zeros(3))]
     source = loader_source("list", epoch)

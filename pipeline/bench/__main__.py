@@ -6,13 +6,14 @@
     python -m pipeline.bench --shards DIR --s3   # add the object-storage part on those shards
 
 All figures of one shard set are measured in the same rounds, interleaved (see
-`pipeline.bench_loaders`): the decode bound (PIL and DALI's CPU decoder alone, per core;
+`pipeline.bench.timing`): the decode bound (PIL and DALI's CPU decoder alone, per core;
 DALI `mixed` on a GPU), the torch baseline at 0..cores DataLoader workers, DALI CPU per crop
 policy and thread count (DALI GPU when there is one), and the DALI CPU graph cut after each
-stage (the profile), and (default corpus, or `--s3`) the same shards staged from and
-streamed from a local S3 server (`pipeline.bench_staging`). Then the end-to-end figure: the data-wait share of AlexNet training
-steps with each loader. Writes `runs/bench/latest.json`, a timestamped copy, `bench.png`
-and `latest.md` (the table in Markdown).
+stage (the profile, `pipeline.bench.profile`), and (default corpus, or `--s3`) the same
+shards staged from and streamed from a local S3 server (`pipeline.bench.staging`). Then the
+end-to-end figure: the data-wait share of AlexNet training steps with each loader. Writes
+`runs/bench/latest.json`, a timestamped copy, `bench.png` and `latest.md` (the table in
+Markdown).
 """
 from __future__ import annotations
 
@@ -29,13 +30,13 @@ from functools import partial
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.bench_corpus import CorpusSpec, ensure_corpus
-from pipeline.bench_decode import dali_decode_source, load_jpegs, pil_rate, pil_source
-from pipeline.bench_loaders import Source, loader_source, measure_interleaved, pipeline_source
-from pipeline.bench_profile import PROFILE_STAGES, build_stage
-from pipeline.bench_report import markdown, plot, table, write_json
-from pipeline.bench_staging import StagingBench, stage_remote_set
-from pipeline.bench_stats import ratio
+from pipeline.bench.corpus import CorpusSpec, ensure_corpus
+from pipeline.bench.decode import dali_decode_source, load_jpegs, pil_rate, pil_source
+from pipeline.bench.figures import ratio
+from pipeline.bench.profile import PROFILE_STAGES, build_stage
+from pipeline.bench.report import markdown, plot, table, write_json
+from pipeline.bench.staging import StagingBench, stage_remote_set
+from pipeline.bench.timing import Source, loader_source, measure_interleaved, pipeline_source
 from shards.location import is_remote
 
 SCHEMA = 1

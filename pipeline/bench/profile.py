@@ -3,11 +3,12 @@
 Each stage adds one step to the one before, so the drop from one line to the next is that
 step's cost: read -> keys and labels -> decode (the whole image, or only the random-crop
 window) -> resize to the crop -> flip + normalise to float CHW -> PCA lighting. The pieces are
-`pipeline.dali`'s own (`_read`, `_decode_rrc`, `_decode_paper`) and the last line of each
-policy is the loader's graph itself (`pipeline.loader.build_pipeline`), so the profile follows
-the pipeline as it changes; the gap between that line and the `make_loader` figure is the
-hand-over to torch (batch copy, label and key parsing). Only `read` and `+roi_decode` are the
-bench's own cuts (DALI has no operator boundary there in the loader's graph).
+`pipeline.dali`'s public steps (`read_samples`, `decode_rrc_window`, `decode_rrc`,
+`decode_paper`) and the last line of each policy is the loader's graph itself
+(`pipeline.loader.build_pipeline`), so the profile follows the pipeline as it changes; the gap
+between that line and the `make_loader` figure is the hand-over to torch (batch copy, label
+and key parsing). Only `read` (the bare reader) and `+decode` (the whole image, which the
+loader's train graph never decodes) are the bench's own cuts.
 """
 from __future__ import annotations
 
@@ -51,19 +52,17 @@ def build_stage(stage: str, shards_dir: Path, batch_size: int, threads: int, cro
         if stage == "read":
             return tuple(fn.readers.webdataset(paths=tars, index_paths=idx, ext=["jpg;jpeg;png", "cls"],
                                                random_shuffle=True, initial_fill=spec.shuffle_buffer))
-        jpegs, labels, keys = dali._read(tars, idx, 0, 1, True, spec.shuffle_buffer)
+        jpegs, labels, keys = dali.read_samples(tars, idx, 0, 1, shuffle=True, initial_fill=spec.shuffle_buffer)
         if stage == "read+keys":
             return jpegs, labels, keys
         if stage == "+decode":
             images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
         elif stage == "+roi_decode":
-            images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
-                                                   random_area=list(spec.rrc_scale),
-                                                   random_aspect_ratio=list(dali.RRC_RATIO))
+            images = dali.decode_rrc_window(jpegs, "cpu", spec.rrc_scale)
         elif stage.startswith("rrc"):
-            images = dali._decode_rrc(jpegs, "cpu", crop, spec.rrc_scale)
+            images = dali.decode_rrc(jpegs, "cpu", crop, spec.rrc_scale)
         else:
-            images = dali._decode_paper(jpegs, "cpu", crop, spec.resize_to)
+            images = dali.decode_paper(jpegs, "cpu", crop, spec.resize_to)
         return images, labels, keys
 
     pipe = graph()

@@ -99,7 +99,7 @@ def markdown(results: dict) -> str:
             target = results["ratios"]["targets"].get(key.replace("_cpu_time", ""), "")
             out.append(f"| `{key}` | {value if value is not None else 'n/a'} | {target} |")
     if lines := staging_lines(results.get("staging") or {}):
-        out += ["", "Object storage (local S3 server, `pipeline.bench_staging`):", ""] + [f"- {line}" for line in lines]
+        out += ["", "Object storage (local S3 server, `pipeline.bench.staging`):", ""] + [f"- {line}" for line in lines]
     return "\n".join(out) + "\n"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.bench_stats import figure
+from pipeline.bench.figures import figure
 
 
 def load_jpegs(shards_dir: Path, split: str = "train", limit: int | None = None) -> list[bytes]:
@@ -77,7 +77,7 @@ def pil_rate(shards_dir: Path, limit: int, processes: int, repeats: int, passes:
 def pil_source(name: str, blobs: list[bytes], batch_size: int):
     """A batch source that decodes `batch_size` images with PIL in this thread per batch:
     the per-core PIL rate, timed in the same rounds as the loaders."""
-    from pipeline.bench_loaders import Source
+    from pipeline.bench.timing import Source
 
     def run():
         i = 0
@@ -92,7 +92,7 @@ def pil_source(name: str, blobs: list[bytes], batch_size: int):
 def dali_decode_source(name: str, blobs: list[bytes], device: str, threads: int, batch_size: int):
     """A batch source that runs DALI's decoder alone on encoded bytes held in memory:
     `device` "cpu" (device_id None) or "mixed" (GPU 0, the hardware decoder where there is one)."""
-    from pipeline.bench_loaders import pipeline_source
+    from pipeline.bench.timing import pipeline_source
 
     arrays = [np.frombuffer(b, dtype=np.uint8) for b in blobs]
     if len(arrays) < batch_size:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipeline.bench_loaders import Source, loader_source
+from pipeline.bench.timing import Source, loader_source
 
 KEY_ID, SECRET = "testing-key", "testing-secret"
 

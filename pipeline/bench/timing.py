@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench_stats import figure
+from pipeline.bench.figures import figure
 
 
 @dataclass
