@@ -17,7 +17,7 @@ import torch
 
 from model import build_model
 from pipeline import make_loader
-from pipeline.bench_stats import figure
+from pipeline.bench.figures import figure
 
 
 def data_wait(shards_dir: str, loader_kwargs: dict, model_name: str, num_classes: int,

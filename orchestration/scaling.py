@@ -8,7 +8,7 @@ What it measures on this machine (no GPU needed):
   in bf16, and a DDP training step in those 2 processes with and without DDP's
   `bf16_compress_hook` (gradients cast to bf16 for the all-reduce, back to fp32 after);
 - the JPEG decode rate of one core (PIL, libjpeg-turbo) on JPEGs the packer itself stores
-  (`shards.encode.encode` at shorter side 256, q90, from `pipeline.bench_corpus` images), and
+  (`shards.encode.encode` at shorter side 256, q90, from `pipeline.bench.corpus` images), and
   their mean size in bytes (or the mean `nbytes` of a real `manifest.parquet`, `--manifest`);
 - the CPU training step time per image (fwd + bwd + SGD, fp32, crop 224, one core per
   process), from the same 2 processes running the step without DDP.
@@ -239,9 +239,9 @@ def measure_gloo(model: str, crop: int, batch: int, reps: int, steps: int, timeo
 
 
 def _corpus_jpegs(count: int) -> list[bytes]:
-    """`count` ImageNet-like JPEGs (pipeline.bench_corpus) stored as the packer stores them:
+    """`count` ImageNet-like JPEGs (pipeline.bench.corpus) stored as the packer stores them:
     `shards.encode.encode` at shorter side 256, quality 90."""
-    from pipeline.bench_corpus import synth_image
+    from pipeline.bench.corpus import synth_image
     from shards.encode import encode
 
     blobs = []
@@ -269,7 +269,7 @@ def manifest_bytes_per_image(path: str) -> float:
 
 def measure_decode(count: int, passes: int) -> dict:
     """PIL decode images/s of one core (one thread) on the generated corpus, and its bytes per image."""
-    from pipeline.bench_decode import _pil_decode
+    from pipeline.bench.decode import _pil_decode
 
     blobs = _corpus_jpegs(count)
     _pil_decode(blobs[:4])  # warm code paths
