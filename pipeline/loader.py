@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.corrupt import CorruptSample, find_corrupt, index_samples
@@ -79,6 +80,8 @@ class DaliLoader(EpochLoader):
         self._handed: set[str] = set()  # keys handed out in the pass under way
         self._excluded: set[str] = set()  # corrupt keys skipped in the pass under way
         self._failed: list = []  # pipelines a decode error broke
+        self._prior: list[int] = []  # positions handed out before the restart this pass resumed from
+        self._sources: list[tuple[str, str]] = []  # (tar, key) of each sample handed out since
 
     def __iter__(self) -> Iterator[tuple]:
         epoch = self._next_epoch()
@@ -87,9 +90,13 @@ class DaliLoader(EpochLoader):
         if len(self) == 0:
             return
         self.spec.stage(epoch)
-        k = resume["batch"] if resume else 0
+        k = resume["batch"] if resume else (self.spec.remainder.steps_done if self.spec.resharded(epoch) else 0)
         self._handed = set((resume or {}).get("handed") or ())
+        self._prior = np.frombuffer(resume["positions"], np.int64).tolist() if resume and "positions" in resume else []
+        self._sources = []
         self._excluded = set((resume or {}).get("excluded") or ())
+        if k >= len(self):  # a resharded epoch with nothing left for a full step
+            return
         self._check_part(epoch)
         it = self._open(epoch, resume["backend_state"] if resume and not self._excluded else None)
         device = _torch_device(self.spec)
@@ -115,8 +122,10 @@ class DaliLoader(EpochLoader):
                 if self.spec.dtype == "bfloat16":
                     images = images.to(torch.bfloat16)
                 labels = parse_labels(out["labels"][:n]).to(device, non_blocking=True)
-                keys = parse_keys(out["keys"][:n])
+                sources = parse_sources(out["keys"][:n])
+                keys = [key for _, key in sources]
                 self._handed.update(keys)
+                self._sources += sources
                 k += 1
                 self._pass = (epoch, k)
                 yield (images, labels, keys) if self.spec.return_keys else (images, labels)
@@ -196,6 +205,19 @@ class DaliLoader(EpochLoader):
             return None
         return self._live.checkpoints()[0] if self._live is not None and self.spec.train else None
 
+    def _handed_positions(self) -> list[int]:
+        """From (tar, key) to the position in the epoch's read order, through the part's indexes."""
+        if not self._sources:
+            return list(self._prior)
+        epoch, spec = self._pass[0], self.spec
+        offsets, where = spec.tar_offsets(epoch), {}
+        for i, first, end in spec.part_files(epoch):
+            tar = str(spec.data.tars[i])
+            lines = spec.data.indexes[i].read_text().splitlines()[1 + first: 1 + end]
+            for j, line in enumerate(lines, start=first):
+                where[(tar, member_key(line.split(" ")[3]))] = offsets[i] + j
+        return self._prior + [where[src] for src in self._sources]
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         if state["batch"] and self._excluded:
@@ -216,10 +238,12 @@ def build_pipeline(spec: LoaderSpec, epoch: int, part_dir: Path | None = None,
     tars, indexes = [], []
     for i, first, end in spec.part_files(epoch):
         idx = spec.data.indexes[i]
-        if skip or (first, end) != (0, spec.data.counts[i]):
+        done = spec.done_rows(epoch, i)  # a resharded epoch: what the steps before the resize took
+        if skip or done or (first, end) != (0, spec.data.counts[i]):
             part_dir = part_dir or Path(tempfile.mkdtemp(prefix="alexnet-part-"))
-            tag = f"-skip{len(skip)}" if skip else ""
-            idx = write_part_index(idx, first, end, part_dir / f"e{epoch}-r{spec.rank}-t{i}{tag}.idx", skip)
+            tag = (f"-skip{len(skip)}" if skip else "") + (f"-w{spec.world_size}-s{spec.remainder.steps_done}"
+                                                          if spec.resharded(epoch) else "")
+            idx = write_part_index(idx, first, end, part_dir / f"e{epoch}-r{spec.rank}-t{i}{tag}.idx", skip, done)
             if idx is None:
                 continue
         tars.append(str(spec.data.tars[i]))
@@ -263,12 +287,17 @@ def parse_labels(raw: torch.Tensor) -> torch.Tensor:
 
 def parse_keys(raw: torch.Tensor) -> list[str]:
     """WebDataset keys from the zero-padded `source_info` bytes ("tar:offset:member") [B, L]."""
-    keys = []
+    return [key for _, key in parse_sources(raw)]
+
+
+def parse_sources(raw: torch.Tensor) -> list[tuple[str, str]]:
+    """(tar, key) of each sample from the zero-padded `source_info` bytes [B, L]."""
+    out = []
     for row in raw.numpy():
         info = row.tobytes().rstrip(b"\0").decode()
         m = _SOURCE_INFO.match(info)
-        keys.append(member_key(m.group(3) if m else info))
-    return keys
+        out.append((m.group(1), member_key(m.group(3))) if m else ("", member_key(info)))
+    return out
 
 
 def _device_id(spec: LoaderSpec) -> int | None:

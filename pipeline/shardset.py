@@ -257,11 +257,14 @@ def _check_index(tar: str, idx: Path, size: int) -> int:
     return count
 
 
-def write_part_index(idx: Path, first: int, end: int, out: Path, skip: set[str] | None = None) -> Path | None:
-    """An index listing only samples [first, end) of `idx`, less the keys in `skip`: DALI's
-    reader then reads exactly those (how a rank's reader is restricted to its part of the
-    epoch). None when nothing is left."""
+def write_part_index(idx: Path, first: int, end: int, out: Path, skip: set[str] | None = None,
+                     drop_rows: set[int] | None = None) -> Path | None:
+    """An index listing only samples [first, end) of `idx`, less the keys in `skip` and the
+    rows (of the whole index) in `drop_rows`: DALI's reader then reads exactly those (how a
+    rank's reader is restricted to its part of the epoch). None when nothing is left."""
     lines = idx.read_text().splitlines()[1 + first: 1 + end]
+    if drop_rows:
+        lines = [ln for j, ln in enumerate(lines, start=first) if j not in drop_rows]
     if skip:
         lines = [ln for ln in lines if member_key(ln.split(" ")[3]) not in skip]
     if not lines:

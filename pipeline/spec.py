@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from pipeline.remainder import Remainder, positions_bytes
 from pipeline.shardset import ShardSplit, open_split, stored_side, rank_range
 from pipeline.stats import Stats, read_stats
 
@@ -74,6 +75,7 @@ class LoaderSpec:
     device_id: int | None
     shuffle_buffer: int
     on_corrupt: str = "error"
+    remainder: Remainder | None = None  # train, after a resize: what is left of one epoch (pipeline.remainder)
     part: tuple[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -89,7 +91,12 @@ class LoaderSpec:
 
     @property
     def num_batches(self) -> int:
-        """Batches this rank yields per epoch (`len(loader)`)."""
+        """Batches this rank yields per epoch (`len(loader)`). In an epoch resharded after a
+        resize (`remainder`): the steps it had taken, and as many full batches of what is
+        left as every new rank can yield."""
+        if self.remainder is not None:
+            left = self.remainder.left(self.data.num_samples)
+            return self.remainder.steps_done + (left // self.world_size) // self.batch_size
         if self.train:
             return (self.data.num_samples // self.world_size) // self.batch_size
         return -(-(self.part[1] - self.part[0]) // self.batch_size)
@@ -109,10 +116,40 @@ class LoaderSpec:
             return list(range(n))
         return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(n).tolist()
 
+    def tar_offsets(self, epoch: int) -> dict[int, int]:
+        """Each tar's first position in the epoch's read order (its samples follow in index order)."""
+        out, start = {}, 0
+        for i in self.tar_order(epoch):
+            out[i] = start
+            start += self.data.counts[i]
+        return out
+
+    def resharded(self, epoch: int) -> bool:
+        return self.remainder is not None and self.remainder.epoch == epoch
+
+    def positions(self, epoch: int) -> np.ndarray:
+        """The positions of `epoch`'s read order this rank reads, ascending: its contiguous
+        part, or in a resharded epoch its run of what is left."""
+        if self.resharded(epoch):
+            return self.remainder.rank_positions(self.data.num_samples, self.rank, self.world_size)
+        return np.arange(*self.part)
+
+    def done_rows(self, epoch: int, tar: int) -> set[int]:
+        """Rows of tar `tar`'s index already trained on in a resharded `epoch` (empty otherwise)."""
+        if not self.resharded(epoch):
+            return set()
+        start = self.tar_offsets(epoch)[tar]
+        done = self.remainder.done_mask(self.data.num_samples)[start: start + self.data.counts[tar]]
+        return set(np.flatnonzero(done).tolist())
+
     def part_files(self, epoch: int) -> list[tuple[int, int, int]]:
         """What this rank reads in `epoch`, in read order: (tar index, first, end) for each
-        tar its part touches, `first`/`end` the samples of that tar inside the part."""
-        lo, hi = self.part
+        tar its part touches, `first`/`end` the samples of that tar inside the part (in a
+        resharded epoch the span of its run, less `done_rows`)."""
+        pos = self.positions(epoch)
+        if not len(pos):
+            return []
+        lo, hi = int(pos[0]), int(pos[-1]) + 1
         out, start = [], 0
         for i in self.tar_order(epoch):
             n = self.data.counts[i]
@@ -217,7 +254,7 @@ class EpochLoader:
     samples with the same augmentation as an uninterrupted one."""
 
     def __init__(self, spec: LoaderSpec) -> None:
-        self.spec = spec
+        self.spec = self._base = spec
         self.epoch = spec.epoch
         self._pass: tuple[int, int] | None = None  # (epoch, batches handed out) while a pass runs
         self._resume: dict | None = None
@@ -235,7 +272,15 @@ class EpochLoader:
 
     def _next_epoch(self) -> int:
         epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.spec.remainder is not None and self.spec.remainder.epoch != epoch:
+            self.spec = self._base  # a resharded epoch is over: the next ones read whole parts
         return epoch
+
+    def reshard(self, remainder: Remainder) -> None:
+        """The next pass reads what is left of epoch `remainder.epoch` after a resize, this
+        rank's run of it (`pipeline.remainder`); `len()` counts the steps taken before it."""
+        self.spec = replace(self._base, remainder=remainder)
+        self.epoch, self._resume = remainder.epoch, None
 
     def _shape(self) -> dict:
         s = self.spec
@@ -249,7 +294,11 @@ class EpochLoader:
             epoch = self._pass[0] + 1 if self._pass is not None else self.epoch
             return {**self._shape(), "epoch": epoch, "batch": 0, "backend_state": None}
         epoch, batch = self._pass
-        return {**self._shape(), "epoch": epoch, "batch": batch, "backend_state": self._backend_state()}
+        state = {**self._shape(), "epoch": epoch, "batch": batch, "backend_state": self._backend_state(),
+                 "positions": positions_bytes(self._handed_positions())}  # what a resize needs
+        if self.spec.resharded(epoch):
+            state["remainder"] = self.spec.remainder.to_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (of a loader of the same shape: rank, world size, batch size,
@@ -262,6 +311,8 @@ class EpochLoader:
                              "valid for the same sharding")
         self.epoch = int(state["epoch"])
         self._resume = state if state["batch"] else None
+        remainder = Remainder.from_dict(state.get("remainder"))
+        self.spec = replace(self._base, remainder=remainder) if remainder is not None else self._base
 
     def _take_resume(self, epoch: int) -> dict | None:
         resume, self._resume = self._resume, None
@@ -269,3 +320,7 @@ class EpochLoader:
 
     def _backend_state(self):
         return None
+
+    def _handed_positions(self) -> list[int]:
+        """Positions (in the epoch's read order) of the samples handed out in the pass under way."""
+        raise NotImplementedError

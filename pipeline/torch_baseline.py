@@ -42,8 +42,10 @@ class TorchLoader(EpochLoader):
             return
         spec.stage(epoch)
         workers = spec.num_threads
-        start = resume["batch"] if resume else 0
-        data = RankBatches(spec, epoch, *resume_point(spec.num_batches, max(1, workers), start))
+        before = spec.remainder.steps_done if spec.resharded(epoch) else 0  # steps of a resharded epoch
+        start = resume["batch"] if resume else before
+        self._positions = np.frombuffer(resume["positions"], np.int64).tolist() if resume else []
+        data = RankBatches(spec, epoch, *resume_point(spec.num_batches - before, max(1, workers), start - before))
         loader = DataLoader(
             data, batch_size=None, num_workers=workers, pin_memory=spec.device == "cuda",
             prefetch_factor=spec.prefetch if workers else None,
@@ -51,8 +53,9 @@ class TorchLoader(EpochLoader):
         device = torch.device(spec.device, spec.device_id) if spec.device == "cuda" else torch.device("cpu")
         done = start
         try:
-            for images, labels, keys, bad in loader:
+            for images, labels, keys, bad, positions in loader:
                 self._report(bad, epoch)
+                self._positions += positions
                 images = images.to(device, _DTYPES[spec.dtype], non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 done += 1
@@ -61,6 +64,9 @@ class TorchLoader(EpochLoader):
         finally:
             if self._pass[1] < len(self):
                 self._pass = None
+
+    def _handed_positions(self) -> list[int]:
+        return list(self._positions)
 
     def _report(self, bad: list[tuple[str, str]], epoch: int) -> None:
         """Samples a worker could not decode: one line and stop (on_corrupt="error"), or a
@@ -107,7 +113,7 @@ class RankBatches(IterableDataset):
         spec, info = self.spec, get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         role = (worker + self.first_role) % workers  # rotated on resume: see resume_point
-        bounds = batch_bounds(spec)
+        bounds = batch_bounds(spec, self.epoch)
         first, last = worker_runs(len(bounds), workers)[role]
         skip = self.consumed[role] if self.consumed else 0
         if first + skip >= last:
@@ -116,25 +122,27 @@ class RankBatches(IterableDataset):
                              np.random.default_rng([spec.seed, self.epoch, spec.rank, first]))
         chain = _chain(spec)
         for b in range(first, last):
-            lo, hi = bounds[b]
-            batch = list(itertools.islice(samples, hi - lo))
+            lo, hi, count = bounds[b]
+            batch = list(itertools.islice(samples, count))
             if b < first + skip:
                 continue
             rng = np.random.default_rng([spec.seed, self.epoch, spec.rank, b, 0xA06])
             good, bad = [], []
-            for data, label, key, url in batch:
+            for data, label, key, url, pos in batch:
                 try:
-                    good.append((_decode(data), label, key))
+                    good.append((_decode(data), label, key, pos))
                 except Exception:  # PIL's many decode errors: the sample is corrupt
                     bad.append((url, key))
-            images = np.stack([chain(img, rng) for img, _, _ in good]) if good else \
+            images = np.stack([chain(img, rng) for img, *_ in good]) if good else \
                 np.zeros((0, 3, spec.crop_size, spec.crop_size), np.float32)
-            labels = torch.tensor([label for _, label, _ in good], dtype=torch.int64)
-            yield torch.from_numpy(images), labels, [key for _, _, key in good], bad
+            labels = torch.tensor([label for _, label, _, _ in good], dtype=torch.int64)
+            yield (torch.from_numpy(images), labels, [key for _, _, key, _ in good], bad,
+                   [pos for *_, pos in good])
 
     def _read(self, lo: int, hi: int, rng: np.random.Generator):
-        """Samples [lo, hi) of this epoch's tar order as (image bytes, label, key, tar), shuffled
-        in a buffer in train (decoding is left to the batch that uses them)."""
+        """Samples [lo, hi) of this epoch's tar order as (image bytes, label, key, tar, position),
+        less those a resharded epoch had already trained on, shuffled in a buffer in train
+        (decoding is left to the batch that uses them)."""
         order = self.spec.tar_order(self.epoch)
         counts = [self.spec.data.counts[i] for i in order]
         starts = np.concatenate([[0], np.cumsum(counts)])
@@ -142,23 +150,33 @@ class RankBatches(IterableDataset):
         last = int(np.searchsorted(starts, hi, side="left"))
         urls = [str(self.spec.data.tars[i]) for i in order[first:last]]
         stream = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-        stream = itertools.islice(iter(stream), lo - int(starts[first]), hi - int(starts[first]))
+        stream = zip(itertools.islice(iter(stream), lo - int(starts[first]), hi - int(starts[first])),
+                     itertools.count(lo))
+        if self.spec.resharded(self.epoch):
+            done = self.spec.remainder.done_mask(self.spec.data.num_samples)
+            stream = ((sample, pos) for sample, pos in stream if not done[pos])
         if self.spec.train:
             stream = _buffer_shuffle(stream, self.spec.shuffle_buffer, rng)
-        for sample in stream:
+        for sample, pos in stream:
             data = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
-            yield data, int(sample[LABEL_EXT]), sample["__key__"], sample.get("__url__", "")
+            yield data, int(sample[LABEL_EXT]), sample["__key__"], sample.get("__url__", ""), pos
 
 
 def _decode(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def batch_bounds(spec: LoaderSpec) -> list[tuple[int, int]]:
-    """[lo, hi) sample ranges of this rank's batches, in the epoch's tar order."""
-    lo, hi = spec.part
-    size = spec.batch_size
-    return [(lo + i * size, min(lo + (i + 1) * size, hi)) for i in range(spec.num_batches)]
+def batch_bounds(spec: LoaderSpec, epoch: int) -> list[tuple[int, int, int]]:
+    """(lo, hi, count) of this rank's batches in `epoch`: the span [lo, hi) of the epoch's
+    read order each one draws from and its sample count (a resharded epoch's spans hold
+    samples trained before the resize, left out)."""
+    pos, size = spec.positions(epoch), spec.batch_size
+    n = spec.num_batches - (spec.remainder.steps_done if spec.resharded(epoch) else 0)
+    out = []
+    for b in range(n):
+        run = pos[b * size: (b + 1) * size]
+        out.append((int(run[0]), int(run[-1]) + 1, len(run)))
+    return out
 
 
 def _chain(spec: LoaderSpec):
