@@ -41,7 +41,7 @@ class TrainConfig:
     model: str
     epochs: int
     batch_size: int  # per worker
-    workers: int
+    workers: int | tuple[int, int]  # fixed, or [min, max]: elastic (Ray Train resizes the group)
     use_gpu: bool
 
     # optimiser (SGD with momentum, as the paper)
@@ -86,6 +86,8 @@ class TrainConfig:
     audit_samples: bool = False  # the sample ledger <run_dir>/samples (epoch, step, rank, key)
     keep_checkpoints: int = 2  # Ray Train's CheckpointConfig(num_to_keep): the newest N stay
     max_failures: int = 1  # worker-group restarts (Ray Train's FailureConfig)
+    # elastic runs (workers: [min, max]): how often Ray Train checks whether more workers fit
+    elastic_resize_monitor_interval_s: float = 60.0
     fail_at_epoch: int = 0  # tests only: every rank raises once, after this epoch's checkpoint
     fail_at_step: int = 0  # tests only: every rank raises once, after this global step's checkpoint
 
@@ -93,15 +95,26 @@ class TrainConfig:
         for key, choices in CHOICES.items():
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
-        positive = ("epochs", "batch_size", "workers", "crop_size", "log_every", "checkpoint_every",
+        if isinstance(self.workers, list):
+            object.__setattr__(self, "workers", tuple(self.workers))
+        if isinstance(self.workers, tuple):
+            lo_hi = self.workers
+            if len(lo_hi) != 2 or not all(isinstance(w, int) and not isinstance(w, bool) for w in lo_hi) \
+                    or not 1 <= lo_hi[0] <= lo_hi[1]:
+                raise ValueError(f"workers: {list(lo_hi)!r} must be an int or [min, max] with 1 <= min <= max")
+            if lo_hi[0] == lo_hi[1]:
+                object.__setattr__(self, "workers", lo_hi[0])
+        elif self.workers < 1:
+            raise ValueError(f"workers: must be >= 1, got {self.workers}")
+        positive = ("epochs", "batch_size", "crop_size", "log_every", "checkpoint_every",
                     "keep_checkpoints", "step_epochs")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         non_negative = ("lr", "lr_base_batch", "momentum", "weight_decay", "label_smoothing",
                         "warmup_epochs", "min_lr", "plateau_patience", "dali_threads", "torch_threads",
-                        "max_failures", "fail_at_epoch", "cache_max_gb", "checkpoint_every_steps",
-                        "fail_at_step")
+                        "max_failures", "fail_at_epoch", "cache_max_gb", "elastic_resize_monitor_interval_s",
+                        "checkpoint_every_steps", "fail_at_step")
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
@@ -115,8 +128,17 @@ class TrainConfig:
             raise ValueError(f"label_smoothing: must be < 1, got {self.label_smoothing}")
 
     @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, tuple)
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, tuple) else self.workers
+
+    @property
     def global_batch(self) -> int:
-        return self.batch_size * self.workers
+        """The global batch at full size (an elastic run's changes with its world size)."""
+        return self.batch_size * self.max_workers
 
     @property
     def peak_lr(self) -> float:
@@ -138,6 +160,10 @@ def valid_keys() -> list[str]:
 
 def _coerce(key: str, value: Any, kind: type, origin: str) -> Any:
     """Check one value's type; ints are accepted where floats are expected."""
+    if key == "workers":  # an int, or [min, max] (YAML gives a list; a config dict passed on, a tuple)
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        kind = int
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool):

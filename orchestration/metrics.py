@@ -2,8 +2,9 @@
 metrics.parquet and curves.png, and the summary.json figures.
 
 metrics.parquet has one row per logged step (top1/top5 null) and one per epoch (top1/top5
-set, loss = the epoch's mean train loss, images_per_s/data_wait over the epoch). On resume
-the rows of epochs after the checkpoint are dropped, so a resumed run leaves one row per epoch.
+set, loss = the epoch's mean train loss, images_per_s/data_wait over the epoch), each with
+the world size that took it (an elastic run's resizes show). On resume the rows of epochs
+after the checkpoint are dropped, so a resumed run leaves one row per epoch.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import pyarrow.parquet as pq
 
 from shards.location import Location
 
-COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5", "skipped_samples")
+COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5", "skipped_samples",
+           "world_size")
 SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64())]
-                   + [(c, pa.float64()) for c in COLUMNS[2:-1]] + [("skipped_samples", pa.int64())])
+                   + [(c, pa.float64()) for c in COLUMNS[2:-2]]
+                   + [("skipped_samples", pa.int64()), ("world_size", pa.int64())])
 
 
 def read_metrics(loc: Location) -> pa.Table:
@@ -30,10 +33,10 @@ class MetricsLog:
     """Rows of metrics.parquet, rewritten whole on every flush (one object, complete or absent;
     a few thousand rows at most)."""
 
-    def __init__(self, loc: Location, resume_epoch: int = 0, resume_step: int = 0) -> None:
+    def __init__(self, loc: Location, resume_epoch: int = 0, resume_step: int = 0, world_size: int = 1) -> None:
         """On a resume, the rows of what the checkpoint covers stay: epoch rows up to
-        `resume_epoch`, step rows up to `resume_step`."""
-        self.loc = loc
+        `resume_epoch`, step rows up to `resume_step`. New rows carry `world_size`."""
+        self.loc, self.world_size = loc, world_size
         self.rows: list[dict[str, Any]] = []
         if resume_step > 0 and loc.is_file():
             self.rows = [r for r in read_metrics(loc).to_pylist()
@@ -42,12 +45,14 @@ class MetricsLog:
     def log_step(self, epoch: int, step: int, loss: float, lr: float, images_per_s: float,
                  data_wait: float) -> None:
         self.rows.append(dict(epoch=epoch, step=step, loss=loss, lr=lr, images_per_s=images_per_s,
-                              data_wait=data_wait, top1=None, top5=None, skipped_samples=None))
+                              data_wait=data_wait, top1=None, top5=None, skipped_samples=None,
+                              world_size=self.world_size))
 
     def log_epoch(self, epoch: int, step: int, loss: float, lr: float, images_per_s: float,
                   data_wait: float, top1: float, top5: float, skipped_samples: int = 0) -> None:
         self.rows.append(dict(epoch=epoch, step=step, loss=loss, lr=lr, images_per_s=images_per_s,
-                              data_wait=data_wait, top1=top1, top5=top5, skipped_samples=skipped_samples))
+                              data_wait=data_wait, top1=top1, top5=top5, skipped_samples=skipped_samples,
+                              world_size=self.world_size))
         self.flush()
 
     def epoch_rows(self) -> list[dict[str, Any]]:
@@ -76,8 +81,10 @@ def summarize(epoch_rows: list[dict[str, Any]], *, wall_s: float, world_size: in
     }
 
 
-def plot_curves(epoch_rows: list[dict[str, Any]], loc: Location, title: str = "") -> None:
-    """curves.png: train loss, val top-1/top-5, and data-wait share, by epoch."""
+def plot_curves(epoch_rows: list[dict[str, Any]], loc: Location, title: str = "",
+                resizes: list[tuple[float, int, int]] = ()) -> None:
+    """curves.png: train loss, val top-1/top-5, and data-wait share, by epoch; a dashed line
+    at each resize (epochs of training done, world size before, after)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,6 +102,10 @@ def plot_curves(epoch_rows: list[dict[str, Any]], loc: Location, title: str = ""
     axes[2].set(title="data-wait share of step time (%)", xlabel="epoch", ylim=(0, 100))
     for ax in axes:
         ax.grid(alpha=0.3)
+        for at, before, after in resizes:
+            ax.axvline(at, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(f"{before}\u2192{after}", (at, 1), xycoords=("data", "axes fraction"), fontsize=8,
+                        ha="left", va="top", xytext=(2, -2), textcoords="offset points")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -13,9 +13,11 @@ the fixed keys written by rank 0 (model, optimizer, scheduler, epoch, rng, confi
 
 Restored with the same world size and batch size, every rank continues with the same
 samples in the same steps and the same augmentation and dropout as an uninterrupted run. With
-another shape the model, optimizer and schedule continue (the schedule is defined on
-samples, `orchestration.schedule`) and one log line says so; a saved reader position is only
-valid for the same sharding, so the interrupted epoch's data then restarts (see the README).
+another shape (an elastic resize, or a re-run with other `workers`/`batch_size`) the model,
+optimizer and schedule continue (the schedule is defined on samples, `orchestration.schedule`)
+and the rest of the interrupted epoch is resharded: the samples no committed step trained
+on are split across the new ranks (`pipeline.remainder`), so every sample of the epoch is
+still trained exactly once; their augmentation differs from an unresized run's.
 """
 from __future__ import annotations
 
@@ -74,16 +76,43 @@ def restore_rank_state(ckpt: dict[str, Any] | None, rank: int, world_size: int, 
     ranks = ckpt.get("ranks")
     same = ranks is not None and pos.world_size == world_size and pos.batch_size == batch_size
     if not same:
-        if rank == 0 and ranks is not None:
-            log.info("resuming with %d worker(s) x batch %d, the checkpoint was taken with %d x %d: model, "
-                     "optimizer and lr schedule continue; epoch %d's data restarts from its start",
-                     world_size, batch_size, pos.world_size, pos.batch_size, pos.epoch + 1)
         if rank == 0:
             set_rng_state(ckpt["rng"])
-        return False
+        if ranks is None or pos.epoch_step == 0:
+            return False  # an epoch-end checkpoint: the next epoch starts whole at the new shape
+        return reshard(ranks, pos, rank, world_size, batch_size, loader)
     set_rng_state(ranks[rank]["rng"])
     loader.load_state_dict(ranks[rank]["loader"])
     return pos.epoch_step > 0
+
+
+def reshard(ranks: list[dict[str, Any]], pos: Position, rank: int, world_size: int, batch_size: int,
+            loader) -> bool:
+    """After a resize mid-epoch: this rank's loader reads its run of the samples of the epoch
+    that no committed step trained on (True), or, for a checkpoint without the positions
+    that takes (written before elastic resharding), the epoch's data restarts (False)."""
+    from pipeline.remainder import remainder_of
+
+    n = loader.spec.data.num_samples
+    try:
+        remainder = remainder_of([r["loader"] for r in ranks], pos.epoch, n)
+    except ValueError as err:
+        if rank == 0:
+            log.warning("resuming with %d worker(s) x batch %d from a checkpoint of %d x %d: %s; epoch %d's "
+                        "data restarts from its start", world_size, batch_size, pos.world_size, pos.batch_size,
+                        err, pos.epoch + 1)
+        return False
+    used = n - remainder.left(n)
+    if used != pos.epoch_samples:
+        raise RuntimeError(f"the checkpoint at step {pos.step} records {pos.epoch_samples} samples of epoch "
+                           f"{pos.epoch + 1} trained, its loader states {used}: it cannot be resharded")
+    loader.reshard(remainder)
+    if rank == 0:
+        log.info("resharded epoch %d for %d worker(s) x batch %d (the checkpoint was taken with %d x %d): %d of "
+                 "its %d samples trained, the other %d split across the new ranks, %d steps each",
+                 pos.epoch + 1, world_size, batch_size, pos.world_size, pos.batch_size, used, n, n - used,
+                 len(loader) - remainder.steps_done)
+    return True
 
 
 class StepCheckpoints:
@@ -91,11 +120,12 @@ class StepCheckpoints:
     states gathered, one report) every `checkpoint_every_steps` steps inside an epoch, or
     when the ranks agree that one of them was asked to stop (SIGTERM: `preemption`)."""
 
-    def __init__(self, cfg, ledger, save, resumed_step: int) -> None:
+    def __init__(self, cfg, ledger, save, resumed_step: int, first_step=None) -> None:
         from orchestration.preemption import StopAgreement
 
         self.every, self.fail_at = cfg.checkpoint_every_steps, cfg.fail_at_step
         self.ledger, self.save, self.resumed_step = ledger, save, resumed_step
+        self.first_step = first_step  # called once, after this attempt's first step
         self.stop = StopAgreement()
         self.stopping = False  # agreed at an epoch's last step: stop after its checkpoint
 
@@ -103,6 +133,9 @@ class StepCheckpoints:
         from orchestration.preemption import Preempted
 
         self.ledger.add(epoch, pos.step, keys)
+        if self.first_step is not None:
+            self.first_step, call = None, self.first_step
+            call()
         inside = pos.epoch_step < steps_in_epoch
         if self.stop.poll():
             if not inside:

@@ -206,6 +206,7 @@ def evaluate(model: nn.Module, loader, val_size: int, ctx: Ctx) -> dict[str, flo
 # ---------------------------------------------------------------- the per-worker function
 def train_worker(config: dict) -> None:
     """Runs on every Ray Train worker: config -> loaders -> model/optimizer -> resume -> loop."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -230,8 +231,13 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         if not run.remote:
             run.mkdir()
+        attempt_row = {"world_size": world_size, "resumed_at": pos.step if ckpt else None,
+                       "rank0_node": ray.get_runtime_context().get_node_id(),
+                       "epochs_done": pos.epoch, "epoch_samples": pos.epoch_samples,
+                       "started_unix": time.time(), "first_step_unix": None}
         state = {"starts": state["starts"] + 1, "elapsed_s": state["elapsed_s"] if ckpt else 0.0,
-                 "resumed_at": state.get("resumed_at", []) + ([pos.step] if ckpt else [])}
+                 "resumed_at": state.get("resumed_at", []) + ([pos.step] if ckpt else []),
+                 "attempts": (state.get("attempts", []) if ckpt else []) + [attempt_row]}
         write_json(run / STATE, state)
         rollback(run, pos.step, attempt=state["starts"])  # ledger rows of steps the restart undid
         if ckpt:
@@ -268,13 +274,14 @@ def train_worker(config: dict) -> None:
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["scheduler"])
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    metrics = MetricsLog(run / METRICS, resume_epoch=pos.epoch, resume_step=pos.step) if rank == 0 else None
+    metrics = MetricsLog(run / METRICS, resume_epoch=pos.epoch, resume_step=pos.step,
+                         world_size=world_size) if rank == 0 else None
     ctx = Ctx(cfg, device, rank, world_size, metrics, TrainMetrics(rank))
     ledger = SampleLedger(run, rank, int(attempt), cfg.audit_samples)
     if rank == 0:
         log.info("%s: %d worker(s) x batch %d = %d per step, %d steps/epoch, peak lr %.4g, %d classes, %d val",
-                 cfg.model, world_size, cfg.batch_size, global_batch, len(train_loader),
-                 peak_lr(cfg, global_batch), num_classes, val_size)
+                 cfg.model, world_size, cfg.batch_size, global_batch, train_loader.spec.data.num_samples
+                 // world_size // cfg.batch_size, peak_lr(cfg, global_batch), num_classes, val_size)
 
     def save(at: Position, metrics_row: dict, epoch_end: bool = False) -> None:
         """A checkpoint of the run as it stands, every rank taking part (see orchestration.resume)."""
@@ -287,7 +294,12 @@ def train_worker(config: dict) -> None:
                           scheduler=schedule, epoch=at.epoch, config=cfg.to_dict(),
                           step=None if epoch_end else at.step, position=at.to_dict(), ranks=ranks)
 
-    hooks = StepCheckpoints(cfg, ledger, save, resumed_step=pos.step)
+    def first_step() -> None:  # how long the restart took: state.json's attempts
+        if rank == 0:
+            state["attempts"][-1]["first_step_unix"] = time.time()
+            write_json(run / STATE, state)
+
+    hooks = StepCheckpoints(cfg, ledger, save, resumed_step=pos.step, first_step=first_step)
     # last before the loop (building the model draws from the RNGs): loader position and RNGs
     if not restore_rank_state(ckpt, rank, world_size, cfg.batch_size, train_loader):
         pos.epoch_step = 0  # the epoch's data starts afresh (a new shape, or an epoch-end checkpoint)
@@ -330,9 +342,17 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         rows = metrics.epoch_rows()
         summary = summarize(rows, wall_s=state["elapsed_s"], world_size=world_size, restarts=state["starts"] - 1)
-        summary.update(resumed_at=state["resumed_at"], skipped_samples=sum(r["skipped_samples"] or 0 for r in rows))
-        plot_curves(rows, run / CURVES, title=f"{cfg.name}: {cfg.model}, {world_size} worker(s)")
+        summary.update(resumed_at=state["resumed_at"], world_sizes=[a["world_size"] for a in state["attempts"]],
+                       skipped_samples=sum(r["skipped_samples"] or 0 for r in rows))
+        plot_curves(rows, run / CURVES, title=f"{cfg.name}: {cfg.model}, {world_size} worker(s)",
+                    resizes=resizes(state["attempts"], train_loader.spec.data.num_samples))
         write_json(run / SUMMARY, summary)
+
+
+def resizes(attempts: list[dict], train_size: int) -> list[tuple[float, int, int]]:
+    """(epochs of training done, world size before, after) at each restart that changed the world size."""
+    return [(a["epochs_done"] + a["epoch_samples"] / train_size, before["world_size"], a["world_size"])
+            for before, a in zip(attempts, attempts[1:]) if a["world_size"] != before["world_size"]]
 
 
 def setup_compute(cfg: TrainConfig, local_workers: int) -> torch.device:
@@ -420,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        scaling_config=ray.train.ScalingConfig(  # workers: [min, max] is elastic (a resize restarts
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu,  # from the newest checkpoint)
+            elastic_resize_monitor_interval_s=cfg.elastic_resize_monitor_interval_s),
         run_config=ray.train.RunConfig(
             name=cfg.name, **ray_storage(cfg.storage_path),  # Ray's files and ours: one resolver
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),

@@ -1,6 +1,7 @@
 """Config loading and its errors, checkpoints and metrics files: no Ray needed."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from orchestration.checkpoint import FILE, KEYS, load_checkpoint, write_checkpoint
-from orchestration.config import check_shards, load_config, parse_overrides, valid_keys
+from orchestration.config import check_shards, from_dict, load_config, parse_overrides, valid_keys
 from orchestration.metrics import MetricsLog, plot_curves, summarize
 from shards.location import resolve
 
@@ -74,6 +75,10 @@ def test_uris_stay_uris_and_the_run_directory_joins_with_a_slash(tmp_path: Path)
     (BASE, ["use_gpu=1"], "use_gpu: expected bool"),
     (BASE, ["crop=center"], "crop: 'center' is not one of paper, rrc"),
     (BASE, ["workers=0"], "workers: must be >= 1"),
+    (BASE, ["workers=[2, 1]"], "workers: [2, 1] must be an int or [min, max] with 1 <= min <= max"),
+    (BASE, ["workers=[0, 2]"], "workers: [0, 2] must be an int or [min, max]"),
+    (BASE, ["workers=[1, 2, 3]"], "workers: [1, 2, 3] must be an int or [min, max]"),
+    (BASE, ["workers=two"], "workers: expected int, got 'two'"),
     (BASE, ["name=a/b"], "name: 'a/b' must be a plain directory name"),
     (BASE, ["nokey"], "--set 'nokey': expected key=value"),
 ])
@@ -84,6 +89,17 @@ def test_config_errors_are_one_clear_line(tmp_path: Path, values: dict, override
     assert message in str(err.value) and "\n" not in str(err.value)
     if "unknown" in message:
         assert all(key in str(err.value) for key in valid_keys())
+
+
+def test_workers_is_an_int_or_an_elastic_min_max(tmp_path: Path) -> None:
+    cfg_file = write_yaml(tmp_path / "c.yaml", BASE)
+    elastic = load_config(cfg_file, ["workers=[1,4]", "elastic_resize_monitor_interval_s=5"])
+    assert (elastic.workers, elastic.elastic, elastic.max_workers) == ((1, 4), True, 4)
+    assert elastic.elastic_resize_monitor_interval_s == 5.0
+    assert from_dict(elastic.to_dict()) == elastic  # what Ray hands each worker (a tuple) reads back
+    assert from_dict(json.loads(json.dumps(elastic.to_dict()))).workers == (1, 4)  # and from JSON (a list)
+    fixed = load_config(cfg_file, ["workers=[3, 3]"])
+    assert (fixed.workers, fixed.elastic) == (3, False)  # [n, n] is a fixed size
 
 
 def test_missing_shards_say_to_run_make_shards(tmp_path: Path) -> None:
@@ -142,11 +158,11 @@ def test_metrics_resume_keeps_one_row_per_epoch(tmp_path: Path) -> None:
     resumed.log_epoch(2, 20, 0.8, 0.1, 120.0, 0.1, 0.6, 0.95)
     table = pq.read_table(tmp_path / "metrics.parquet")
     assert table.column_names == ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5",
-                                  "skipped_samples"]
+                                  "skipped_samples", "world_size"]
     assert [r["epoch"] for r in resumed.epoch_rows()] == [1, 2]
     summary = summarize(resumed.epoch_rows(), wall_s=3.0, world_size=2, restarts=1)
     assert summary["top1"] == 0.6 and summary["images_per_s"] == 120.0 and summary["epochs"] == 2
-    plot_curves(resumed.epoch_rows(), resolve(tmp_path / "curves.png"))
+    plot_curves(resumed.epoch_rows(), resolve(tmp_path / "curves.png"), resizes=[(1.4, 2, 1)])
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

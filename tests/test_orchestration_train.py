@@ -24,8 +24,9 @@ pytestmark = pytest.mark.slow
 
 VAL_SIZE = 50
 SUMMARY_KEYS = {"top1", "top5", "images_per_s", "data_wait", "wall_s", "world_size", "epochs", "restarts",
-                "resumed_at", "skipped_samples"}
-COLUMNS = ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5", "skipped_samples"]
+                "resumed_at", "world_sizes", "skipped_samples"}
+COLUMNS = ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5", "skipped_samples",
+           "world_size"]
 
 
 def tiny_config(tmp_path: Path, shards: Path, **values) -> Path:
@@ -66,6 +67,7 @@ def test_two_workers_every_output_and_resume_after_worker_failure(failed_once_ru
     assert summary["images_per_s"] > 0 and 0 <= summary["data_wait"] <= 1 and summary["wall_s"] > 0
     assert (summary["world_size"], summary["epochs"], summary["restarts"]) == (2, 2, 1)
     assert summary["resumed_at"] == [3] and summary["skipped_samples"] == 0  # from epoch 1's end (3 steps)
+    assert summary["world_sizes"] == [2, 2]
 
     table = pq.read_table(run_dir / "metrics.parquet")
     assert table.column_names == COLUMNS
@@ -111,8 +113,10 @@ def test_rerun_resumes_a_run_killed_in_its_last_epoch(local_ray, demo_shards, tm
     assert train.main(["--config", str(config)]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["restarts"], summary["epochs"], summary["world_size"]) == (1, 2, 1)
+    assert summary["world_sizes"] == [2, 1]
     rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     assert rows[: len(epoch1_rows)] == epoch1_rows  # epoch 1 is not trained (or logged) twice
+    assert {r["world_size"] for r in rows[len(epoch1_rows):]} == {1} and {r["world_size"] for r in epoch1_rows} == {2}
     assert [r["epoch"] for r in epoch_rows(run_dir)] == [1, 2]
     assert ray_checkpoints(resolve(run_dir)) == ["epoch-0001", "epoch-0002"]
 
