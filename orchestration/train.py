@@ -103,7 +103,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     model.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
                               and ctx.device.type == "cuda")
-    window = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, samples
+    # no host-device sync but at log steps: the loss sum stays on the device, counts on the host
+    win_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     epoch_tot = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss sum, samples, wait s, step s, images
     win_wait = win_time = 0.0
     win_images = win_steps = 0
@@ -127,17 +128,16 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         pos.epoch_step += 1
         pos.samples += cfg.batch_size * ctx.world_size
         pos.epoch_samples += cfg.batch_size * ctx.world_size
-        window += torch.stack([loss.detach().double() * labels.numel(),
-                               torch.tensor(labels.numel(), dtype=torch.float64, device=ctx.device)])
+        win_loss += loss.detach().double() * labels.numel()
         win_wait += t1 - t0
         win_images += labels.numel()
         win_steps += 1
         if pos.step % cfg.log_every == 0 or pos.epoch_step == len(loader):
-            loss_sum, n = window.tolist()  # syncs the device: the step times below are real
+            loss_sum = win_loss.item()  # syncs the device: the step times below are real
             win_time += time.perf_counter() - t0
             if ctx.gauges is not None:
                 ctx.gauges.window(win_images, win_steps, win_wait, win_time)
-            sums = all_reduce_sum([loss_sum, n, win_wait, win_time, win_images])
+            sums = all_reduce_sum([loss_sum, win_images, win_wait, win_time, win_images])
             _add(epoch_tot, sums)
             figures = _rates(sums, ctx.world_size)
             if ctx.log_rows is not None:
@@ -146,15 +146,14 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                 log.info("epoch %d step %d  loss %.4f  lr %.5f  %.0f img/s  data-wait %s", epoch, pos.step,
                          figures["loss"], current_lr(optimizer), figures["images_per_s"],
                          fmt_pct(figures["data_wait"]))
-            window.zero_()
+            win_loss.zero_()
             win_wait = win_time = 0.0
             win_images = win_steps = 0
         else:
             win_time += time.perf_counter() - t0
         hooks.after_step(epoch, pos, batch[2], len(loader))
     if win_images:  # a tail shorter than log_every (not logged as a row, counted in the epoch)
-        loss_sum, n = window.tolist()
-        _add(epoch_tot, all_reduce_sum([loss_sum, n, win_wait, win_time, win_images]))
+        _add(epoch_tot, all_reduce_sum([win_loss.item(), win_images, win_wait, win_time, win_images]))
     return _rates(epoch_tot, ctx.world_size)
 
 
@@ -248,12 +247,12 @@ def train_worker(config: dict) -> None:
     # data: each rank its own part; DALI on the GPU Ray gave this worker (a logical index)
     on_gpu = device.type == "cuda"
     loader_args = dict(batch_size=cfg.batch_size, rank=rank, world_size=world_size,
-                       device="cuda" if on_gpu and cfg.backend == "dali" else "cpu", backend=cfg.backend,
+                       device="cuda" if on_gpu else "cpu", backend=cfg.backend,  # both: batches on the GPU
                        crop_size=cfg.crop_size, seed=cfg.seed,
                        num_threads=cfg.dali_threads or (4 if on_gpu else 1),
                        cache_dir=cfg.cache_dir or None, cache_max_gb=cfg.cache_max_gb,  # remote shards
                        on_corrupt=cfg.on_corrupt)
-    if on_gpu and cfg.backend == "dali":
+    if on_gpu:
         loader_args["device_id"] = torch.cuda.current_device()
     train_loader = make_loader(cfg.shards_dir, split="train", crop=cfg.crop, epoch=pos.epoch, return_keys=True,
                                **loader_args)
@@ -268,6 +267,8 @@ def train_worker(config: dict) -> None:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
+    if cfg.grad_compression == "bf16" and world_size > 1:
+        compress_gradients_bf16(model)
     optimizer = make_optimizer(cfg, unwrap(model))
     schedule = LrSchedule(cfg, optimizer, global_batch, train_loader.spec.data.num_samples)
     if ckpt:
@@ -353,6 +354,19 @@ def resizes(attempts: list[dict], train_size: int) -> list[tuple[float, int, int
     """(epochs of training done, world size before, after) at each restart that changed the world size."""
     return [(a["epochs_done"] + a["epoch_samples"] / train_size, before["world_size"], a["world_size"])
             for before, a in zip(attempts, attempts[1:]) if a["world_size"] != before["world_size"]]
+
+
+def compress_gradients_bf16(model: nn.Module) -> None:
+    """DDP all-reduces each gradient bucket cast to bf16 (half the bytes on the wire), then
+    casts back and divides by the world size: torch's `bf16_compress_hook`. DDP refuses that
+    hook by name without CUDA + NCCL; the function itself runs on gloo too, so it is
+    registered under another name (docs/SCALING.md measures both)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+    def bf16_allreduce(state, bucket):
+        return bf16_compress_hook(state, bucket)
+
+    model.register_comm_hook(None, bf16_allreduce)
 
 
 def setup_compute(cfg: TrainConfig, local_workers: int) -> torch.device:
@@ -451,9 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SystemExit(f"error: training failed ({first[:300]}); re-run the same command to resume "
-                         f"from the newest checkpoint Ray registered in {run}") from None
+        raise SystemExit(f"error: {checkpoint.failure_line(err, run)}") from None
     print_summary(read_summary(run), cfg.run_dir)
     kept = [c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints]
     print(f"checkpoints kept by Ray Train (newest last): {', '.join(kept)}")

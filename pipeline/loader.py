@@ -121,7 +121,9 @@ class DaliLoader(EpochLoader):
                 images = out["images"][:n]
                 if self.spec.dtype == "bfloat16":
                     images = images.to(torch.bfloat16)
-                labels = parse_labels(out["labels"][:n]).to(device, non_blocking=True)
+                labels = parse_labels(out["labels"][:n])
+                if device.type == "cuda":  # from pinned memory: a copy that does not block the host
+                    labels = labels.pin_memory().to(device, non_blocking=True)
                 sources = parse_sources(out["keys"][:n])
                 keys = [key for _, key in sources]
                 self._handed.update(keys)

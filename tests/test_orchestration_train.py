@@ -124,7 +124,8 @@ def test_rerun_resumes_a_run_killed_in_its_last_epoch(local_ray, demo_shards, tm
 def test_exact_val_denominator_with_three_workers_and_ten_crop(local_ray, demo_shards, tmp_path):
     # 50 val samples over 3 ranks: parts of 16/17/17, batches of 12 -> uneven batch counts
     # and short last batches; evaluate asserts count == 50 inside every worker
-    config = tiny_config(tmp_path, demo_shards, workers=3, epochs=1, batch_size=12, eval_crop="ten_crop")
+    config = tiny_config(tmp_path, demo_shards, workers=3, epochs=1, batch_size=12, eval_crop="ten_crop",
+                         grad_compression="bf16")  # DDP all-reduces in bf16 (registered on gloo too)
     assert train.main(["--config", str(config)]) == 0
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     assert summary["world_size"] == 3

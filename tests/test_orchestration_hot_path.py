@@ -1,0 +1,96 @@
+"""The training step's hot path: `data_wait` is the time blocked waiting for the next batch
+and nothing else, and on a GPU no step but a logged one synchronises the host with the
+device. `train_one_epoch` is run directly (no Ray) on a real model and real tensors; the
+loader is a list of batches behind a wrapper that sleeps a known time before each one."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from orchestration.config import from_dict
+from orchestration.resume import Position
+from orchestration.schedule import LrSchedule
+from orchestration.train import Ctx, make_optimizer, train_one_epoch
+
+BATCH, STEPS, STALL_S = 8, 12, 0.05
+
+
+class SlowLoader:
+    """`STEPS` fixed batches; each `next()` first sleeps `stall_s` (a loader that is that slow)."""
+
+    def __init__(self, stall_s: float, device: torch.device) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.batches = [(torch.randn(BATCH, 3, 32, 32, generator=gen).to(device),
+                         torch.randint(0, 10, (BATCH,), generator=gen).to(device),
+                         [f"k{i}-{j}" for j in range(BATCH)]) for i in range(STEPS)]
+        self.stall_s, self.handed = stall_s, 0
+
+    def __len__(self) -> int:
+        return STEPS
+
+    def __iter__(self):
+        self.handed = 0
+        for batch in self.batches:
+            time.sleep(self.stall_s)
+            self.handed += 1
+            yield batch
+
+
+class NoCheckpoints:
+    stopping = False
+
+    def after_step(self, *args) -> None:
+        pass
+
+
+def run_epoch(loader, device: torch.device, log_every: int, arm=lambda: None) -> tuple[dict, float]:
+    """One epoch of a small conv net; `arm()` runs after the set-up, right before the loop."""
+    cfg = from_dict({"name": "t", "storage_path": "/tmp/r", "shards_dir": "/tmp/s", "model": "alexnet-bn",
+                     "epochs": 1, "batch_size": BATCH, "workers": 1, "use_gpu": device.type == "cuda",
+                     "log_every": log_every, "lr": 0.01})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).to(device)
+    optimizer = make_optimizer(cfg, model)
+    schedule = LrSchedule(cfg, optimizer, BATCH, STEPS * BATCH)
+    ctx = Ctx(cfg, device, rank=0, world_size=1, log_rows=None)
+    arm()
+    t0 = time.perf_counter()
+    figures = train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, schedule, 1, Position(), ctx,
+                              NoCheckpoints())
+    return figures, time.perf_counter() - t0
+
+
+def test_data_wait_is_the_time_blocked_on_the_loader():
+    """A loader that stalls 50 ms per batch: the measured share equals stalls / wall time
+    (within 5 points: the first step's warm-up and timer overheads), and a loader that does
+    not stall measures almost none."""
+    device = torch.device("cpu")
+    torch.set_num_threads(1)
+    figures, wall = run_epoch(SlowLoader(STALL_S, device), device, log_every=4)
+    expected = STEPS * STALL_S / wall
+    assert 0.2 < expected < 0.95, f"the stall must be a measurable share, not all of it: {expected:.2f}"
+    assert figures["data_wait"] == pytest.approx(expected, abs=0.05), (figures, expected)
+    fast, _ = run_epoch(SlowLoader(0.0, device), device, log_every=4)
+    assert fast["data_wait"] < 0.05, fast
+    assert fast["loss"] > 0 and figures["images_per_s"] > 0
+
+
+@pytest.mark.gpu
+def test_no_host_sync_on_steps_that_are_not_logged():
+    """With CUDA's sync debug mode set to error, the first operation that blocks the host on
+    the device raises: that must be the read-back of the only logged step, the last one."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    device = torch.device("cuda")
+    loader = SlowLoader(0.0, device)
+    run_epoch(loader, device, log_every=STEPS)  # warm-up: cuDNN plans, allocator
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            run_epoch(loader, device, log_every=STEPS, arm=lambda: torch.cuda.set_sync_debug_mode("error"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert loader.handed == STEPS, f"a host sync in step {loader.handed}, which is not a log step"
