@@ -136,7 +136,7 @@ def test_sigkill_of_a_worker_mid_epoch_resumes_exactly(reference, demo_shards, t
     assert_same_run(run_dir, reference)
 
 
-def test_resume_with_another_world_size_continues_the_lr_curve(reference, demo_shards, tmp_path):
+def test_resume_with_another_world_size_continues_the_lr_curve_and_the_epoch(reference, demo_shards, tmp_path):
     path = config(tmp_path, demo_shards, "reshaped", fail_at_step=10, max_failures=0)
     with pytest.raises(SystemExit, match="re-run the same command"):
         train.main(["--config", str(path)])
@@ -151,6 +151,10 @@ def test_resume_with_another_world_size_continues_the_lr_curve(reference, demo_s
     for j in range(1, 4):
         assert ours[9 + 2 * j] == pytest.approx(ref[10 + j], rel=1e-12), j
     assert all(ours[s] == ref[s] for s in range(1, 11))  # the steps before the resume are kept as they were
+    # the rest of epoch 2 was resharded onto the one worker: 96 samples at 2 x 16, the other
+    # 144 at 1 x 16 (9 steps, none dropped), every one once
+    epoch2 = [k for e, _, _, k in ledger(run_dir) if e == 2]
+    assert len(epoch2) == len(set(epoch2)) == 240
 
 
 def test_sigterm_preemption_checkpoints_the_next_step_and_resumes_exactly(reference, demo_shards, tmp_path):
