@@ -19,27 +19,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestration import train
 from orchestration.checkpoint import FILE, StorageFull, failure_line, load_checkpoint
 from orchestration.config import load_config
 from orchestration.run_dir import ray_checkpoints, ray_storage
 from shards.location import resolve
+from test_orchestration_resume import config as resume_config
 
 DISK_MB = 1000  # < 1.5 GB of RAM: the tmpfs lives in memory
 OTHER_MB = 300  # another job's files on the same disk: 1000 - 300 - 434 = 266 MB left for epoch 2
 
 
 def config(tmp_path: Path, shards: Path, name: str, **values) -> Path:
-    cfg = {"name": name, "storage_path": str(tmp_path / "runs"), "shards_dir": str(shards),
-           "model": "alexnet-bn", "epochs": 2, "batch_size": 16, "workers": 2, "use_gpu": False,
-           "crop_size": 64, "lr": 0.02, "warmup_epochs": 0.5, "schedule": "cosine", "log_every": 1,
-           "checkpoint_every_steps": 0, "audit_samples": True, "keep_checkpoints": 2, "max_failures": 1,
-           **values}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """The resume tests' small run, with checkpoints at epoch ends only."""
+    return resume_config(tmp_path, shards, name, **{"checkpoint_every_steps": 0, **values})
 
 
 @contextmanager
