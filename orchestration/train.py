@@ -269,6 +269,8 @@ def train_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     if cfg.grad_compression == "bf16" and world_size > 1:
         compress_gradients_bf16(model)
+        if rank == 0:
+            log.info("grad_compression bf16: DDP all-reduces the gradients in bf16")
     optimizer = make_optimizer(cfg, unwrap(model))
     schedule = LrSchedule(cfg, optimizer, global_batch, train_loader.spec.data.num_samples)
     if ckpt:
