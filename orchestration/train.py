@@ -236,7 +236,7 @@ def train_worker(config: dict) -> None:
                        "started_unix": time.time(), "first_step_unix": None}
         state = {"starts": state["starts"] + 1, "elapsed_s": state["elapsed_s"] if ckpt else 0.0,
                  "resumed_at": state.get("resumed_at", []) + ([pos.step] if ckpt else []),
-                 "attempts": (state.get("attempts", []) if ckpt else []) + [attempt_row]}
+                 "attempts": state.get("attempts", []) + [attempt_row]}  # every start, as `starts` counts
         write_json(run / STATE, state)
         rollback(run, pos.step, attempt=state["starts"])  # ledger rows of steps the restart undid
         if ckpt:
