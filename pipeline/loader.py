@@ -82,6 +82,7 @@ class DaliLoader(EpochLoader):
         self._failed: list = []  # pipelines a decode error broke
         self._prior: list[int] = []  # positions handed out before the restart this pass resumed from
         self._sources: list[tuple[str, str]] = []  # (tar, key) of each sample handed out since
+        self._where: dict[tuple[str, str], int] | None = None  # (tar, key) -> position, once per pass
 
     def __iter__(self) -> Iterator[tuple]:
         epoch = self._next_epoch()
@@ -93,7 +94,7 @@ class DaliLoader(EpochLoader):
         k = resume["batch"] if resume else (self.spec.remainder.steps_done if self.spec.resharded(epoch) else 0)
         self._handed = set((resume or {}).get("handed") or ())
         self._prior = np.frombuffer(resume["positions"], np.int64).tolist() if resume and "positions" in resume else []
-        self._sources = []
+        self._sources, self._where = [], None
         self._excluded = set((resume or {}).get("excluded") or ())
         if k >= len(self):  # a resharded epoch with nothing left for a full step
             return
@@ -208,17 +209,19 @@ class DaliLoader(EpochLoader):
         return self._live.checkpoints()[0] if self._live is not None and self.spec.train else None
 
     def _handed_positions(self) -> list[int]:
-        """From (tar, key) to the position in the epoch's read order, through the part's indexes."""
+        """From (tar, key) to the position in the epoch's read order, through the part's indexes
+        (read once per pass, at its first checkpoint)."""
         if not self._sources:
             return list(self._prior)
-        epoch, spec = self._pass[0], self.spec
-        offsets, where = spec.tar_offsets(epoch), {}
-        for i, first, end in spec.part_files(epoch):
-            tar = str(spec.data.tars[i])
-            lines = spec.data.indexes[i].read_text().splitlines()[1 + first: 1 + end]
-            for j, line in enumerate(lines, start=first):
-                where[(tar, member_key(line.split(" ")[3]))] = offsets[i] + j
-        return self._prior + [where[src] for src in self._sources]
+        if self._where is None:
+            epoch, spec = self._pass[0], self.spec
+            offsets, self._where = spec.tar_offsets(epoch), {}
+            for i, first, end in spec.part_files(epoch):
+                tar = str(spec.data.tars[i])
+                lines = spec.data.indexes[i].read_text().splitlines()[1 + first: 1 + end]
+                for j, line in enumerate(lines, start=first):
+                    self._where[(tar, member_key(line.split(" ")[3]))] = offsets[i] + j
+        return self._prior + [self._where[src] for src in self._sources]
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -43,7 +43,7 @@ def take(shards, world_size: int, steps: int | None, backend: str, remainder=Non
 def test_shrink_then_grow_mid_epoch_trains_every_sample_once(demo_shards, backend):
     n = 240
     first, states, _ = take(demo_shards, 2, 3, backend)  # 3 steps of 2 x 16
-    rest = remainder_of([s for s in states], 0, n)
+    rest = remainder_of(states, 0, n)
     assert rest.steps_done == 3 and rest.left(n) == n - 96
     second, states, lengths = take(demo_shards, 1, 2, backend, rest)  # 2 steps of 1 x 16, then lost again
     assert lengths == [3 + (n - 96) // BATCH]  # the epoch's steps: those taken, and those the rest holds
