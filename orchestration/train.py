@@ -226,7 +226,7 @@ def train_worker(config: dict) -> None:
     # resume: every rank loads the one checkpoint Ray hands out (its newest registered one)
     ckpt = checkpoint.restore()
     pos = Position.of(ckpt)
-    state = read_state(run)
+    state = read_state(run) if rank == 0 else {}  # rank 0's alone: the others would race its writes
     if rank == 0:
         if not run.remote:
             run.mkdir()
