@@ -15,7 +15,7 @@ WORKERS ?=
 DEMO_SHORTER_SIDE ?= 128
 DEMO_SHARD_MB ?= 4
 
-.PHONY: setup shards train test bench cluster-up cluster-down
+.PHONY: setup shards train test bench cluster-up cluster-down gpu-check
 
 setup: $(STAMP)
 
@@ -52,3 +52,8 @@ cluster-up: setup
 
 cluster-down: setup
 	@bash orchestration/cluster/local-down.sh
+
+# On a lent GPU machine (CUDA torch, no DALI, no registry), so not `setup`: DALI comes from the
+# wheel parts carried there (docs/BENCHMARKS.md "GPU check"); writes JSON + log to $OUT.
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m orchestration.gpu_check --out $${OUT:-runs/gpu-check}

@@ -89,10 +89,17 @@ def pil_source(name: str, blobs: list[bytes], batch_size: int):
     return Source(name, run)
 
 
-def dali_decode_source(name: str, blobs: list[bytes], device: str, threads: int, batch_size: int):
+def dali_decode_source(name: str, blobs: list[bytes], device: str, threads: int, batch_size: int,
+                       hw_decoder_load: float | None = None):
     """A batch source that runs DALI's decoder alone on encoded bytes held in memory:
-    `device` "cpu" (device_id None) or "mixed" (GPU 0, the hardware decoder where there is one)."""
+    `device` "cpu" (device_id None) or "mixed" (GPU 0, the hardware decoder where there is one).
+    `hw_decoder_load` (mixed only): the share of each batch sent to the hardware decoder, the
+    rest Huffman-decoded on the `threads` CPU threads; None keeps DALI's default."""
     from pipeline.bench.timing import pipeline_source
+
+    if hw_decoder_load is not None and (device != "mixed" or not 0.0 <= hw_decoder_load <= 1.0):
+        raise ValueError(f"hw_decoder_load={hw_decoder_load!r}: a share in [0, 1], for device='mixed' only")
+    extra = {} if hw_decoder_load is None else {"hw_decoder_load": float(hw_decoder_load)}
 
     arrays = [np.frombuffer(b, dtype=np.uint8) for b in blobs]
     if len(arrays) < batch_size:
@@ -112,7 +119,7 @@ def dali_decode_source(name: str, blobs: list[bytes], device: str, threads: int,
                       prefetch_queue_depth=2)
         def decode_only():
             jpegs = fn.external_source(source=feed, no_copy=True, batch=True)
-            return fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+            return fn.decoders.image(jpegs, device=device, output_type=types.RGB, **extra)
 
         pipe = decode_only()
         pipe.build()
