@@ -44,7 +44,7 @@ def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path:
     stamped = sorted(out.glob("bench-*.json"))
     assert len(stamped) == 1 and json.loads(stamped[0].read_text()) == res
 
-    assert res["schema"] == 1 and res["quick"] is True
+    assert res["schema"] == 2 and res["quick"] is True
     cores = res["machine"]["cores"]
     assert cores == len(os.sched_getaffinity(0)) and res["machine"]["cpu_model"]
     assert "gpu" in res["machine"] and res["machine"]["memory_gib"] > 0
@@ -66,26 +66,38 @@ def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path:
     check_figure(bound["cpu_ms_per_image"], repeats, unit="ms")
 
     loaders = res["loaders"]["user"]
-    # quick: torch at 0 and all-cores workers, DALI at all cores (the default run adds the rest)
-    expected = {f"torch {w} worker{'' if w == 1 else 's'}" for w in (0, cores)}
-    expected |= {f"dali cpu {c} {cores} thread{'' if cores == 1 else 's'}" for c in ("rrc", "paper")}
+    # quick: torch rrc at 0 and all-cores workers, every other case at all cores (the default run
+    # adds the sweeps); every policy (rrc, paper, val) with both backends
+    threads = f"{cores} thread{'' if cores == 1 else 's'}"
+    expected = {f"torch rrc {w} worker{'' if w == 1 else 's'}" for w in (0, cores)}
+    expected |= {f"torch {p} {cores} worker{'' if cores == 1 else 's'}" for p in ("paper", "val")}
+    expected |= {f"dali cpu {p} {threads}" for p in ("rrc", "paper", "val")}
     # --s3: the same shards staged from and streamed from a local S3 server, in the same rounds
-    expected |= {f"s3 {how}: dali cpu rrc {cores} thread{'' if cores == 1 else 's'}" for how in ("staged", "streamed")}
+    expected |= {f"s3 {how}: dali cpu rrc {threads}" for how in ("staged", "streamed")}
     assert set(loaders) == expected
     for name, entry in loaders.items():
         check_figure(entry["images_per_s"], repeats)
         check_figure(entry["first_batch_s"], repeats, unit="s")
         check_figure(entry["cpu_ms_per_image"], repeats, unit="ms")
         assert entry["kwargs"]["backend"] in ("torch", "dali")
+        assert entry["kwargs"]["split"] == ("val" if " val " in name else "train")
     profile = res["profile"]["user"]
     assert list(profile) == list(PROFILE_STAGES) and res["settings"]["profile_threads"] == cores
     for entry in profile.values():
         check_figure(entry["images_per_s"], repeats)
         check_figure(entry["cpu_ms_per_image"], repeats, unit="ms")
 
-    best = res["best"]["user"]
-    assert best["torch"]["name"].startswith("torch") and best["dali_cpu"]["name"].startswith("dali cpu")
-    assert set(res["end_to_end"]) >= {best["torch"]["name"]}
+    pairs = res["pairs"]["user"]
+    assert list(pairs) == ["rrc", "paper", "val"]
+    for pol, pair in pairs.items():
+        assert set(pair) == {"torch", "dali_cpu"}  # no GPU here
+        for side, entry in pair.items():
+            kwargs = loaders[entry["name"]]["kwargs"]
+            assert kwargs["num_threads"] == cores and kwargs["backend"] == side.split("_")[0]
+            assert (kwargs["split"] == "val") if pol == "val" else (kwargs["split"], kwargs["crop"]) == ("train", pol)
+            assert entry["median"] == loaders[entry["name"]]["images_per_s"]["median"]
+    # the end-to-end run trains with the rrc pair the headline compares
+    assert set(res["end_to_end"]) == {pairs["rrc"]["torch"]["name"], pairs["rrc"]["dali_cpu"]["name"]}
     for entry in res["end_to_end"].values():
         share = entry["data_wait_share"]
         check_figure(share, min(repeats, res["settings"]["e2e_steps"]), unit="fraction")
@@ -101,19 +113,61 @@ def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path:
     assert "staged_over_local" in proc.stdout
 
     ratios = res["ratios"]
-    for key in ("dali_cpu_over_torch", "dali_cpu_over_decode_bound", "torch_over_decode_bound",
-                "dali_cpu_over_torch_cpu_time", "dali_cpu_over_decode_bound_cpu_time"):
-        assert isinstance(ratios[key], float) and ratios[key] > 0
-    assert ratios["dali_cpu_over_torch"] == pytest.approx(best["dali_cpu"]["median"] / best["torch"]["median"], rel=1e-2)
-    assert ratios["dali_cpu_over_decode_bound"] == pytest.approx(best["dali_cpu"]["median"] / bound["bound"], rel=1e-2)
+    bound_name = f"decode bound ({bound['bound_from']})"
+    for pol, suffix in (("rrc", ""), ("paper", "_paper"), ("val", "_val")):
+        for key in ("dali_cpu_over_torch", "dali_cpu_over_decode_bound", "torch_over_decode_bound",
+                    "dali_cpu_over_torch_cpu_time", "dali_cpu_over_decode_bound_cpu_time"):
+            name = key.replace("_cpu_time", suffix + "_cpu_time") if key.endswith("_cpu_time") else key + suffix
+            assert isinstance(ratios[name], float) and ratios[name] > 0, name
+            assert ratios["compared"][name]["policy"] == pol
+        assert ratios["dali_gpu_over_torch" + suffix] is None
+        assert ratios["dali_cpu_over_torch" + suffix] == pytest.approx(
+            pairs[pol]["dali_cpu"]["median"] / pairs[pol]["torch"]["median"], rel=1e-2)
+        assert ratios["dali_cpu_over_decode_bound" + suffix] == pytest.approx(
+            pairs[pol]["dali_cpu"]["median"] / bound["bound"], rel=1e-2)
+        assert ratios["dali_cpu_over_torch" + suffix + "_cpu_time"] == pytest.approx(
+            pairs[pol]["torch"]["cpu_ms_per_image"] / pairs[pol]["dali_cpu"]["cpu_ms_per_image"], rel=1e-2)
+    # like for like: both sides of every ratio run the ratio's policy, at all cores; a decode
+    # bound denominator is the decoder alone on all cores
+    ratio_keys = {k for k, v in ratios.items() if not isinstance(v, (dict, str))}
+    assert ratio_keys == set(ratios["compared"])
+    for key, sides in ratios["compared"].items():
+        for name in (sides["numerator"], sides["denominator"]):
+            if name is None:
+                assert ratios[key] is None  # the GPU side, absent here
+            elif name.startswith("decode bound"):
+                assert name == bound_name and name.endswith(f"x {cores} cores)")
+            else:
+                kwargs = loaders[name]["kwargs"]
+                assert kwargs["num_threads"] == cores, (key, name)
+                assert ("val" if kwargs["split"] == "val" else kwargs["crop"]) == sides["policy"], (key, name)
     assert ratios["targets"] == {"dali_cpu_over_torch": 1.5, "dali_cpu_over_decode_bound": 0.85}
+
+    # what starting a pass costs the train loader: passes 2..N against a whole pass, and memory
+    rebuild = res["rebuild"]
+    passes = rebuild["passes"]
+    assert passes == res["settings"]["rebuild_passes"] == 10
+    assert rebuild["kwargs"] == {"backend": "dali", "device": "cpu", "split": "train", "crop": "rrc",
+                                 "num_threads": cores}
+    for key in ("first_batch_s", "pass_s", "batch_s"):
+        check_figure(rebuild[key], passes - 1, unit="s")
+    check_figure(rebuild["steady_images_per_s"], passes - 1)
+    assert rebuild["first_batch_s"]["median"] < rebuild["pass_s"]["median"]
+    assert rebuild["images_per_pass"] == rebuild["batches_per_pass"] * rebuild["batch_size"]
+    assert 0 <= rebuild["rebuild_share"] < rebuild["first_batch_share"] < 1
+    assert 0 <= rebuild["imagenet_epoch_share"] < rebuild["rebuild_share"]
+    assert len(rebuild["rss_mib"]) == passes and min(rebuild["rss_mib"]) > 0
+    assert rebuild["rss_after_pass_2_mib"] == rebuild["rss_mib"][1]
+    assert rebuild["rss_growth_mib"] == pytest.approx(rebuild["rss_mib"][-1] - rebuild["rss_mib"][1], abs=0.11)
 
     png = Path(res["png"])
     assert png == out / "bench.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as im:
         assert im.width > 500 and im.height > 300
     assert "dali_cpu_over_torch" in proc.stdout and "images/s" in proc.stdout
-    assert "| `dali_cpu_over_decode_bound` |" in (out / "latest.md").read_text()
+    md = (out / "latest.md").read_text()
+    assert "| `dali_cpu_over_decode_bound` |" in md and "| rrc (default) | paper | val |" in md
+    assert "Starting a pass" in md and "RSS after pass 2" in md
     assert "round 1/" in proc.stderr  # progress is shown while it runs
 
 

@@ -7,13 +7,17 @@
 
 All figures of one shard set are measured in the same rounds, interleaved (see
 `pipeline.bench.timing`): the decode bound (PIL and DALI's CPU decoder alone, per core;
-DALI `mixed` on a GPU), the torch baseline at 0..cores DataLoader workers, DALI CPU per crop
-policy and thread count (DALI GPU when there is one), and the DALI CPU graph cut after each
-stage (the profile, `pipeline.bench.profile`), and (default corpus, or `--s3`) the same
-shards staged from and streamed from a local S3 server (`pipeline.bench.staging`). Then the
-end-to-end figure: the data-wait share of AlexNet training steps with each loader. Writes
-`runs/bench/latest.json`, a timestamped copy, `bench.png` and `latest.md` (the table in
-Markdown).
+DALI `mixed` on a GPU), the torch baseline and DALI CPU for every graph, the train crops
+`rrc` (the default) and `paper` and the val graph, at all cores (DALI GPU too when there is
+one), with sweeps (torch `rrc` at 0..cores DataLoader workers, DALI's train crops at 1
+thread), and the DALI CPU graph cut after each stage (the profile, `pipeline.bench.profile`), and (default corpus,
+or `--s3`) the same shards staged from and streamed from a local S3 server
+(`pipeline.bench.staging`). Every ratio compares one graph with the same graph, both sides
+at all cores (workers = threads = cores); the headline ratios are `rrc`'s, with `_paper` and
+`_val` twins. Then what starting a pass costs the train loader (`rebuild`: passes back to
+back, first batch against the whole pass, resident memory), and the end-to-end figure: the
+data-wait share of AlexNet training steps with each loader. Writes `runs/bench/latest.json`,
+a timestamped copy, `bench.png` and `latest.md` (the table in Markdown).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -32,14 +37,15 @@ from pathlib import Path
 
 from pipeline.bench.corpus import CorpusSpec, ensure_corpus
 from pipeline.bench.decode import dali_decode_source, load_jpegs, pil_rate, pil_source
-from pipeline.bench.figures import ratio
+from pipeline.bench.figures import POLICIES, figure, policy, ratio
 from pipeline.bench.profile import PROFILE_STAGES, build_stage
 from pipeline.bench.report import markdown, plot, table, write_json
 from pipeline.bench.staging import StagingBench, stage_remote_set
-from pipeline.bench.timing import Source, loader_source, measure_interleaved, pipeline_source
+from pipeline.bench.timing import Source, loader_source, measure_interleaved, pipeline_source, time_passes
 from shards.location import is_remote
 
-SCHEMA = 1
+SCHEMA = 2  # 2: ratios per policy (rrc, paper, val) at all cores, pairs, rebuild
+IMAGENET_TRAIN = 1_281_167  # images in an ILSVRC-2012 train epoch
 TARGETS = {"dali_cpu_over_torch": 1.5, "dali_cpu_over_decode_bound": 0.85}
 
 
@@ -61,9 +67,11 @@ class Settings:
     e2e_crop: int = 128
     e2e_steps: int = 8
     e2e_warmup: int = 2
+    rebuild_passes: int = 10  # passes of the train loader back to back, for what starting a pass costs
+    rebuild_images: int = 1280  # ... over the first train tars holding this many samples
 
 
-# --quick: the same measurements, fewer and shorter (torch at 0 and all-cores workers, DALI at all cores)
+# --quick: the same measurements, fewer and shorter (no sweeps: torch rrc at 0 workers, the rest at all cores)
 QUICK = Settings(batch_size=16, warmup=1, window=2, repeats=2, settle_s=0.0, decode_images=64,
                  e2e_crop=64, e2e_steps=2, e2e_warmup=1)
 
@@ -114,24 +122,62 @@ def versions() -> dict:
 
 
 def loader_configs(settings: Settings, cores: int, gpu: bool, reduced: bool = False) -> list[tuple[str, dict]]:
-    """(name, make_loader keyword arguments) for every loader the bench times; `reduced`
-    (the second shard set) keeps torch and DALI at all cores only."""
+    """(name, make_loader keyword arguments with `split`) for every loader the bench times.
+    Every policy (rrc, paper, val) is timed with both backends at all cores, so each ratio
+    compares the same graph; the sweeps (torch at 0..cores workers for rrc, DALI at 1 and
+    cores threads for each crop) show how each scales. `reduced` (the second shard set)
+    keeps the all-cores cases only."""
     workers = (cores,) if reduced else settings.torch_workers or tuple(range(cores + 1))
     threads = (cores,) if reduced else settings.dali_threads or tuple(sorted({1, cores}))
-    out = [(f"torch {count(w, 'worker')}", dict(backend="torch", device="cpu", num_threads=w)) for w in workers]
-    out += [(f"dali cpu {crop} {count(t, 'thread')}", dict(backend="dali", device="cpu", crop=crop, num_threads=t))
+    train = {crop: dict(split="train", crop=crop) for crop in ("rrc", "paper")}
+    graphs = {**train, "val": dict(split="val")}
+    out = [(f"torch rrc {count(w, 'worker')}", dict(backend="torch", device="cpu", **train["rrc"], num_threads=w))
+           for w in workers]
+    out += [(f"torch {p} {count(cores, 'worker')}", dict(backend="torch", device="cpu", **graphs[p], num_threads=cores))
+            for p in ("paper", "val")]
+    out += [(f"dali cpu {crop} {count(t, 'thread')}", dict(backend="dali", device="cpu", **train[crop], num_threads=t))
             for crop in ("rrc", "paper") for t in threads]
+    out.append((f"dali cpu val {count(cores, 'thread')}", dict(backend="dali", device="cpu", **graphs["val"],
+                                                               num_threads=cores)))
     if gpu:
-        out += [(f"dali gpu {crop} {count(cores, 'thread')}",
-                 dict(backend="dali", device="cuda", crop=crop, num_threads=cores)) for crop in ("rrc", "paper")]
+        out += [(f"dali gpu {p} {count(cores, 'thread')}",
+                 dict(backend="dali", device="cuda", **graphs[p], num_threads=cores)) for p in POLICIES]
+    return out
+
+
+def shard_view(shards_dir: Path, out: Path, splits: dict[str, str], min_samples: int | None = None) -> Path:
+    """A shard set under `out` made of symlinks into `shards_dir`: for each `{split: from_split}`,
+    the tars of `from_split` (the first ones holding at least `min_samples`, or all), and the
+    set files (classes, stats; the manifest and shards.parquet too where no split is renamed,
+    as they are keyed by split). The loaders resolve the links, so they read the very same
+    files, with their indexes beside them."""
+    from pipeline.shardset import open_split
+    from shards.layouts import MANIFEST_FILE, SHARDS_FILE, split_tars
+
+    renamed = any(split != source for split, source in splits.items())
+    out.mkdir(parents=True, exist_ok=True)
+    for item in Path(shards_dir).iterdir():
+        if item.is_file() and not (renamed and item.name in (MANIFEST_FILE, SHARDS_FILE)):
+            (out / item.name).symlink_to(item.resolve())
+    for split, source in splits.items():
+        counts = open_split(shards_dir, source).counts
+        (out / split).mkdir()
+        total = 0
+        for tar, n in zip(split_tars(Path(shards_dir), source), counts):
+            (out / split / tar.name).symlink_to(tar.resolve())
+            total += n
+            if min_samples is not None and total >= min_samples:
+                break
     return out
 
 
 def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, reduced: bool,
-                  staging: StagingBench | None = None) -> list[Source]:
-    """Every source of one shard set: decoders alone, loaders, and the profile's cut graphs."""
+                  staging: StagingBench | None = None, val_dir: Path | None = None) -> list[Source]:
+    """Every source of one shard set: decoders alone, loaders, and the profile's cut graphs;
+    the val loaders read `val_dir` (default: the set itself)."""
     from pipeline import make_loader
 
+    val_dir = val_dir or shards_dir
     blobs = load_jpegs(shards_dir, limit=settings.decode_images)
     b = settings.batch_size
     sources = [pil_source("decode pil 1 thread", blobs, b)]
@@ -142,8 +188,9 @@ def build_sources(shards_dir: Path, settings: Settings, cores: int, gpu: bool, r
     for s in sources:
         s.meta["kind"] = "decode"
     for name, kwargs in loader_configs(settings, cores, gpu, reduced):
-        loader = make_loader(str(shards_dir), split="train", batch_size=b, rank=0, world_size=1,
-                             crop_size=settings.crop_size, seed=0, **kwargs)
+        where = val_dir if kwargs["split"] == "val" else shards_dir
+        loader = make_loader(str(where), batch_size=b, rank=0, world_size=1, crop_size=settings.crop_size,
+                             seed=0, **kwargs)
         # DataLoader workers each build whole batches and start together: their first burst is warm-up
         extra = kwargs["num_threads"] if kwargs["backend"] == "torch" else 0
         sources.append(loader_source(name, loader, extra, {"kind": "loader", "kwargs": kwargs}))
@@ -164,13 +211,17 @@ def bench_shards(label: str, shards_dir: Path, settings: Settings, cores: int, g
                 {"images_per_s": pil_rate(shards_dir, settings.decode_images, procs, settings.repeats)}
                 for procs in sorted({1, cores})}
     progress(f"[{label}] building sources on {shards_dir}")
-    sources = build_sources(shards_dir, settings, cores, gpu, reduced, staging)
-    progress(f"[{label}] timing {len(sources)} sources: {settings.repeats} rounds x "
-             f"({settings.warmup} warm-up + {settings.window} timed batches of {settings.batch_size})")
-    timed = measure_interleaved(sources, settings.warmup, settings.window, settings.repeats,
-                                settings.settle_s, progress)
-    kinds = {s.name: s.meta for s in sources}
-    del sources
+    # the val graph reads the train tars (as split "val" of a view): the same bytes as the
+    # decode bound and the train graphs, so its ratios compare like with like
+    with tempfile.TemporaryDirectory(prefix="bench-val-view-") as tmp:
+        val_dir = shard_view(shards_dir, Path(tmp) / "set", {"val": "train"})
+        sources = build_sources(shards_dir, settings, cores, gpu, reduced, staging, val_dir)
+        progress(f"[{label}] timing {len(sources)} sources: {settings.repeats} rounds x "
+                 f"({settings.warmup} warm-up + {settings.window} timed batches of {settings.batch_size})")
+        timed = measure_interleaved(sources, settings.warmup, settings.window, settings.repeats,
+                                    settings.settle_s, progress)
+        kinds = {s.name: s.meta for s in sources}
+        del sources
     measured.update({n: {k: t[k] for k in ("images_per_s", "cpu_ms_per_image")}
                      for n, t in timed.items() if kinds[n]["kind"] == "decode"})
     # per core: what one PIL thread or one DALI thread decodes, timed in the interleaved rounds
@@ -192,9 +243,72 @@ def bench_shards(label: str, shards_dir: Path, settings: Settings, cores: int, g
     }
 
 
-def best(loaders: dict, prefix: str) -> tuple[str, dict] | None:
-    chosen = [(n, e) for n, e in loaders.items() if n.startswith(prefix)]
-    return max(chosen, key=lambda ne: ne[1]["images_per_s"]["median"]) if chosen else None
+BACKENDS = {("torch", "cpu"): "torch", ("dali", "cpu"): "dali_cpu", ("dali", "cuda"): "dali_gpu"}
+
+
+def pairs(loaders: dict, cores: int) -> dict[str, dict[str, dict]]:
+    """{policy: {"torch" | "dali_cpu" | "dali_gpu": figure with "name" and "cpu_ms_per_image"}}:
+    the loaders on local shards at all cores (DataLoader workers = DALI threads = cores), the
+    cases every ratio compares, policy against the same policy."""
+    out: dict[str, dict[str, dict]] = {}
+    for name, entry in loaders.items():
+        kwargs = entry["kwargs"]
+        if name.startswith("s3 ") or kwargs.get("num_threads") != cores:
+            continue
+        side = BACKENDS[(kwargs["backend"], kwargs["device"])]
+        out.setdefault(policy(kwargs), {})[side] = {"name": name, **entry["images_per_s"],
+                                                    "cpu_ms_per_image": entry["cpu_ms_per_image"]["median"]}
+    return {p: out[p] for p in POLICIES if p in out}
+
+
+def rebuild_cost(shards_dir: Path, settings: Settings, cores: int, progress) -> dict:
+    """What starting a pass costs the train loader (DALI CPU, rrc, all cores): passes run back
+    to back over the first tars of the set; for passes 2..N, the time from the start of a pass
+    to its first batch against the whole pass, and the process's resident memory after each.
+    `rebuild_s` is the first-batch time less one steady batch: what a pass pays before its
+    first batch beyond making it (building the pipeline, parsing indexes, filling the shuffle
+    buffer); `imagenet_epoch_share` puts it against a whole ImageNet epoch at the steady rate."""
+    from pipeline import make_loader
+
+    kwargs = dict(backend="dali", device="cpu", split="train", crop="rrc", num_threads=cores)
+    with tempfile.TemporaryDirectory(prefix="bench-rebuild-") as tmp:
+        view = shard_view(shards_dir, Path(tmp) / "set", {"train": "train"}, settings.rebuild_images)
+        loader = make_loader(str(view), batch_size=settings.batch_size, rank=0, world_size=1,
+                             crop_size=settings.crop_size, seed=0, **kwargs)
+        tars, images = len(loader.spec.data.tars), loader.num_samples
+        progress(f"rebuild: {settings.rebuild_passes} passes of dali cpu rrc {count(cores, 'thread')} over "
+                 f"{tars} tars ({images} images, {len(loader)} batches of {settings.batch_size})")
+        runs = time_passes(loader, settings.rebuild_passes)
+        del loader
+    later = runs[1:]
+    if not later or min(r["batches"] for r in later) < 2:
+        raise ValueError("rebuild: need at least 2 passes of at least 2 batches (lower --batch-size)")
+    first = figure([r["first_batch_s"] for r in later], unit="s")
+    whole = figure([r["pass_s"] for r in later], unit="s")
+    batch = figure([(r["pass_s"] - r["first_batch_s"]) / (r["batches"] - 1) for r in later], unit="s")
+    steady = figure([(r["images"] - r["images"] / r["batches"]) / (r["pass_s"] - r["first_batch_s"])
+                     for r in later])
+    rebuild_s = max(0.0, first["median"] - batch["median"])
+    epoch_s = IMAGENET_TRAIN / steady["median"]
+    rss = [r["rss_mib"] for r in runs]
+    out = {
+        "loader": f"dali cpu rrc {count(cores, 'thread')}", "kwargs": kwargs, "shards_dir": str(shards_dir),
+        "tars": tars, "images_per_pass": images, "batches_per_pass": later[0]["batches"],
+        "batch_size": settings.batch_size, "passes": len(runs),
+        "pass_1": {k: round(runs[0][k], 4) for k in ("first_batch_s", "pass_s")},
+        "first_batch_s": first, "pass_s": whole, "batch_s": batch, "steady_images_per_s": steady,
+        "rebuild_s": round(rebuild_s, 4),
+        "rebuild_share": round(rebuild_s / whole["median"], 4),
+        "first_batch_share": round(first["median"] / whole["median"], 4),
+        "imagenet_epoch_s": round(epoch_s, 1), "imagenet_epoch_share": round(rebuild_s / epoch_s, 7),
+        "rss_mib": rss,
+    }
+    if len(rss) >= 2 and None not in rss:
+        out.update(rss_after_pass_2_mib=rss[1], rss_after_last_mib=rss[-1], rss_growth_mib=round(rss[-1] - rss[1], 1))
+    progress(f"rebuild: first batch {first['median']:.3f} s of a {whole['median']:.2f} s pass (steady batch "
+             f"{batch['median']:.3f} s): {out['rebuild_share']:.1%} of this pass; RSS {rss[1]} -> {rss[-1]} MiB "
+             f"from pass 2 to {len(rss)}")
+    return out
 
 
 def end_to_end(shards_dir: Path, chosen: list[tuple[str, dict]], settings: Settings, progress) -> dict:
@@ -225,24 +339,44 @@ def end_to_end(shards_dir: Path, chosen: list[tuple[str, dict]], settings: Setti
     return out
 
 
+# (name, numerator, denominator, with a CPU-time twin): each taken per policy, at all cores
+RATIOS = (("dali_cpu_over_torch", "dali_cpu", "torch", True),
+          ("dali_cpu_over_decode_bound", "dali_cpu", "bound", True),
+          ("torch_over_decode_bound", "torch", "bound", False),
+          ("dali_gpu_over_torch", "dali_gpu", "torch", False))
+
+
+def ratio_name(key: str, policy_: str, cpu_time: bool = False) -> str:
+    """"dali_cpu_over_torch" for rrc (the headline), "dali_cpu_over_torch_paper", "..._val";
+    "..._cpu_time" for the CPU-time twin."""
+    return key + ("" if policy_ == "rrc" else f"_{policy_}") + ("_cpu_time" if cpu_time else "")
+
+
 def compute_ratios(results: dict, primary: str) -> dict:
     """The issue's ratios (images/s, wall clock) on the primary shard set, the same per shard
-    set, and their CPU-time twins (CPU ms per image: hardly moved by other jobs on the machine)."""
-    per = {}
-    for corpus, bests in results["best"].items():
-        bound = results["decode_bound"][corpus]
-        torch_, dali_cpu = bests.get("torch"), bests.get("dali_cpu")
-        per[corpus] = {
-            "dali_cpu_over_torch": ratio(dali_cpu, torch_),
-            "dali_cpu_over_decode_bound": ratio(dali_cpu, {"median": bound["bound"]}),
-            "torch_over_decode_bound": ratio(torch_, {"median": bound["bound"]}),
-            "dali_gpu_over_torch": ratio(bests.get("dali_gpu"), torch_),
-            # efficiency: CPU per image of the cheaper one over the dearer one's
-            "dali_cpu_over_torch_cpu_time": _cpu_ratio(torch_, dali_cpu),
-            "dali_cpu_over_decode_bound_cpu_time": _cpu_ratio({"cpu_ms_per_image": bound["cpu_ms_per_image"]["median"]},
-                                                              dali_cpu),
-        }
-    return {**per[primary], "primary_corpus": primary, "by_corpus": per, "targets": TARGETS}
+    set, and their CPU-time twins (CPU ms per image: hardly moved by other jobs on the machine).
+    Each compares one policy with the same policy, both at all cores; the decode bound is the
+    decoder alone on all cores, for the same bytes. `compared` names both sides of each ratio."""
+    per, compared = {}, {}
+    for corpus, by_policy in results["pairs"].items():
+        block = results["decode_bound"][corpus]
+        bound = {"name": f"decode bound ({block['bound_from']})", "median": block["bound"],
+                 "cpu_ms_per_image": block["cpu_ms_per_image"]["median"]}
+        out, names = {}, {}
+        for cpu_time in (False, True):
+            for key, num, den, twin in RATIOS:
+                if cpu_time and not twin:
+                    continue
+                for p in POLICIES:
+                    cases = {**by_policy.get(p, {}), "bound": bound}
+                    n, d = cases.get(num), cases.get(den)
+                    name = ratio_name(key, p, cpu_time)
+                    # CPU time: the reference's CPU ms per image over the candidate's (> 1: cheaper)
+                    out[name] = _cpu_ratio(d, n) if cpu_time else ratio(n, d)
+                    names[name] = {"numerator": n and n["name"], "denominator": d and d["name"], "policy": p}
+        per[corpus], compared[corpus] = out, names
+    return {**per[primary], "primary_corpus": primary, "compared": compared[primary], "by_corpus": per,
+            "targets": TARGETS}
 
 
 def _cpu_ratio(reference: dict | None, candidate: dict | None) -> float | None:
@@ -286,7 +420,8 @@ def run(args: argparse.Namespace) -> dict:
         "command": " ".join([Path(sys.executable).name, "-m", "pipeline.bench", *sys.argv[1:]]),
         "quick": bool(args.quick), "machine": machine(), "versions": versions(),
         "settings": {**asdict(settings), "profile_threads": cores, "note": e2e_note},
-        "corpora": {}, "decode_bound": {}, "loaders": {}, "profile": {}, "best": {}, "end_to_end": {},
+        "corpora": {}, "decode_bound": {}, "loaders": {}, "profile": {}, "pairs": {}, "rebuild": {},
+        "end_to_end": {},
         "staging": {"remote_set": staged_from} if staged_from else {},
     }
     for label, (path, text, stats) in corpora.items():
@@ -308,20 +443,17 @@ def run(args: argparse.Namespace) -> dict:
         results["decode_bound"][label] = block["decode_bound"]
         results["loaders"][label] = block["loaders"]
         results["profile"][label] = block["profile"]
-        results["best"][label] = {}
-        for key, prefix in (("torch", "torch "), ("dali_cpu", "dali cpu "), ("dali_gpu", "dali gpu ")):
-            found = best(block["loaders"], prefix)
-            if found:
-                results["best"][label][key] = {"name": found[0], **found[1]["images_per_s"],
-                                               "cpu_ms_per_image": found[1]["cpu_ms_per_image"]["median"]}
+        results["pairs"][label] = pairs(block["loaders"], cores)
     primary = "user" if args.shards else "256"
+    results["rebuild"] = rebuild_cost(corpora[primary][0], settings, cores, progress)
     if stats := next(iter(corpora.values()))[2]:
         results["corpora"]["source_tree"] = {"label": "generated tree before packing", "description": stats["source"],
                                              "shards_dir": None}
-    prefixes = ("torch ", "dali cpu ", "dali gpu ") if args.quick else \
-        ("torch ", "dali cpu rrc", "dali cpu paper", "dali gpu rrc")
-    chosen = [(found[0], found[1]["kwargs"]) for prefix in prefixes
-              if (found := best(results["loaders"][primary], prefix))]
+    # the same pairs the ratios compare: rrc (and, in the full run, paper) with each backend
+    loaders = results["loaders"][primary]
+    chosen = [(e["name"], {k: v for k, v in loaders[e["name"]]["kwargs"].items() if k != "split"})
+              for p in (("rrc",) if args.quick else ("rrc", "paper"))
+              for side, e in results["pairs"][primary].get(p, {}).items() if side != "dali_gpu" or p == "rrc"]
     results["end_to_end"] = end_to_end(corpora[primary][0], chosen, settings, progress)
     results["ratios"] = compute_ratios(results, primary)
     out_dir = Path(args.out)

@@ -1,4 +1,5 @@
-"""One measured figure: its repeats, median and spread, as every bench result carries it."""
+"""One measured figure: its repeats, median and spread, as every bench result carries it; ratios
+between figures, and the graph (policy) a loader runs, which both sides of a ratio share."""
 from __future__ import annotations
 
 import statistics
@@ -29,3 +30,11 @@ def ratio(num: dict | None, den: dict | None) -> float | None:
     if not num or not den or not den.get("median"):
         return None
     return round(num["median"] / den["median"], 3)
+
+
+POLICIES = ("rrc", "paper", "val")  # the train crop policies (rrc: the default), then the val graph
+
+
+def policy(kwargs: dict) -> str:
+    """The graph a loader with these make_loader arguments runs: its train crop policy, or "val"."""
+    return "val" if kwargs.get("split") == "val" else kwargs.get("crop", "rrc")

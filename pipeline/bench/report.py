@@ -1,9 +1,14 @@
-"""The bench's outputs: `latest.json` plus a timestamped copy, a console table, a PNG chart."""
+"""The bench's outputs: `latest.json` plus a timestamped copy, a console table, a PNG chart.
+
+Every loader is set against the torch baseline of the same policy (rrc, paper or val) at all
+cores, the pair its ratios compare; never against another policy's torch case."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+
+from pipeline.bench.figures import POLICIES, policy
 
 
 def write_json(results: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -30,14 +35,42 @@ def rows(results: dict) -> list[tuple[str, str, dict]]:
     return out
 
 
+def row_policy(label: str, entry: dict) -> str | None:
+    """The policy of a row: a loader's graph, a profile line's crop ("rrc: ...", "paper: ..."),
+    None for decoders and the profile's shared cuts."""
+    if "kwargs" in entry:
+        return policy(entry["kwargs"])
+    cut = label.removeprefix("profile: ").split(":")[0]
+    return cut if label.startswith("profile: ") and cut in POLICIES else None
+
+
+def over_torch(results: dict, corpus: str, label: str, entry: dict) -> str:
+    """images/s over the torch baseline of the same policy at all cores, as text ("" where none)."""
+    torch_ = results["pairs"].get(corpus, {}).get(row_policy(label, entry), {}).get("torch")
+    return f"{entry['images_per_s']['median'] / torch_['median']:.2f}" if torch_ else ""
+
+
+def ratio_rows(ratios: dict) -> list[tuple[str, dict[str, str]]]:
+    """(row name, {policy: ratio key}) for the ratio table: "dali_cpu_over_torch_paper" goes to
+    row "dali_cpu_over_torch", column paper; the CPU-time twins make rows of their own."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in ratios.items():
+        if isinstance(value, (dict, str)):
+            continue
+        base, twin = (key[:-len("_cpu_time")], "_cpu_time") if key.endswith("_cpu_time") else (key, "")
+        pol = next((p for p in POLICIES[1:] if base.endswith(f"_{p}")), "rrc")
+        base = base.removesuffix(f"_{pol}") if pol != "rrc" else base
+        out.setdefault(base + twin, {})[pol] = key
+    return list(out.items())
+
+
 def table(results: dict) -> str:
     """The short console table: every figure (median, spread of rounds), CPU per image, and
-    images/s against the best torch baseline of the same shard set."""
+    images/s against the torch baseline of the same policy at all cores."""
     lines = [f"{'corpus':<7} {'what':<46} {'images/s':>9} {'spread':>7} {'CPU ms/img':>10} {'x torch':>8}"]
     for corpus, label, entry in rows(results):
         fig = entry["images_per_s"]
-        best_torch = results["best"].get(corpus, {}).get("torch")
-        rel = f"{fig['median'] / best_torch['median']:.2f}" if best_torch else ""
+        rel = over_torch(results, corpus, label, entry)
         cpu = f"{entry['cpu_ms_per_image']['median']:.2f}" if "cpu_ms_per_image" in entry else ""
         lines.append(f"{corpus:<7} {label:<46} {fig['median']:>9.1f} {fig['spread']:>6.0%} {cpu:>10} {rel:>8}")
     cores = results["machine"]["cores"]
@@ -48,11 +81,31 @@ def table(results: dict) -> str:
         share = entry["data_wait_share"]
         lines.append(f"{'e2e':<7} {name + ': data-wait share':<46} {share['overall']:>9.1%} {share['spread']:>6.0%}"
                      f"   ({entry['images_per_s']:.1f} images/s training, step {entry['step_s']['median']:.2f} s)")
-    for key, value in results["ratios"].items():
-        if not isinstance(value, dict):
-            lines.append(f"ratio   {key:<46} {value if value is not None else 'n/a':>9}")
+    lines += [f"rebuild {line}" for line in rebuild_lines(results.get("rebuild") or {})]
+    lines.append(f"{'ratio':<7} {'(same policy both sides, all cores)':<46} " + " ".join(f"{p:>9}" for p in POLICIES))
+    for row, keys in ratio_rows(results["ratios"]):
+        cells = [results["ratios"][keys[p]] if p in keys else None for p in POLICIES]
+        lines.append(f"{'ratio':<7} {row:<46} " + " ".join(f"{c if c is not None else 'n/a':>9}" for c in cells))
     lines += [f"s3      {line}" for line in staging_lines(results.get("staging") or {})]
     return "\n".join(lines)
+
+
+def rebuild_lines(rebuild: dict) -> list[str]:
+    """What starting a pass costs, in words (empty when the run had none)."""
+    if not rebuild:
+        return []
+    first, whole, batch = rebuild["first_batch_s"], rebuild["pass_s"], rebuild["batch_s"]
+    out = [f"{rebuild['loader']}, {rebuild['passes']} passes back to back over {rebuild['tars']} tars "
+           f"({rebuild['images_per_pass']} images, {rebuild['batches_per_pass']} batches of {rebuild['batch_size']}): "
+           f"pass start to first batch {first['median']:.3f} s ({first['min']:.3f}-{first['max']:.3f}) over passes "
+           f"2..{rebuild['passes']}, steady batch {batch['median']:.3f} s, whole pass {whole['median']:.2f} s",
+           f"rebuild (first batch less a steady one) {rebuild['rebuild_s']:.3f} s = {rebuild['rebuild_share']:.1%} of "
+           f"this pass; {rebuild['imagenet_epoch_share']:.4%} of an ImageNet epoch at the steady rate "
+           f"({rebuild['steady_images_per_s']['median']:.0f} images/s, {rebuild['imagenet_epoch_s']:.0f} s)"]
+    if "rss_growth_mib" in rebuild:
+        out.append(f"RSS after pass 2: {rebuild['rss_after_pass_2_mib']} MiB, after pass {rebuild['passes']}: "
+                   f"{rebuild['rss_after_last_mib']} MiB ({rebuild['rss_growth_mib']:+.1f} MiB)")
+    return out
 
 
 def staging_lines(staging: dict) -> list[str]:
@@ -77,11 +130,11 @@ def markdown(results: dict) -> str:
            f"GPU: {results['machine']['gpu'] or 'none'}; batch {results['settings']['batch_size']}, crop "
            f"{results['settings']['crop_size']}, median of {results['settings']['repeats']} interleaved rounds "
            f"(min-max in brackets).", "",
-           "| shard set | what | images/s | CPU ms per image | x best torch (images/s) |", "|---|---|---:|---:|---:|"]
+           "| shard set | what | images/s | CPU ms per image | x torch, same policy, all cores (images/s) |",
+           "|---|---|---:|---:|---:|"]
     for corpus, label, entry in rows(results):
         fig = entry["images_per_s"]
-        best_torch = results["best"].get(corpus, {}).get("torch")
-        rel = f"{fig['median'] / best_torch['median']:.2f}" if best_torch else ""
+        rel = over_torch(results, corpus, label, entry)
         cpu = entry.get("cpu_ms_per_image")
         cpu_text = f"{cpu['median']:.2f} ({cpu['min']:.2f}-{cpu['max']:.2f})" if cpu else ""
         out.append(f"| {corpus} | {label} | {fig['median']:.0f} ({fig['min']:.0f}-{fig['max']:.0f}) | {cpu_text} | {rel} |")
@@ -93,11 +146,20 @@ def markdown(results: dict) -> str:
         share = entry["data_wait_share"]
         out.append(f"| {name} | {share['overall']:.1%} ({share['min']:.1%}-{share['max']:.1%}) | "
                    f"{entry['step_s']['median']:.2f} | {entry['images_per_s']:.1f} |")
-    out += ["", "| ratio | value | target |", "|---|---:|---:|"]
-    for key, value in results["ratios"].items():
-        if not isinstance(value, (dict, str)):
-            target = results["ratios"]["targets"].get(key.replace("_cpu_time", ""), "")
-            out.append(f"| `{key}` | {value if value is not None else 'n/a'} | {target} |")
+    ratios = results["ratios"]
+    out += ["", "| ratio (same policy both sides, all cores) | rrc (default) | paper | val | target (rrc) |",
+            "|---|---:|---:|---:|---:|"]
+    for row, keys in ratio_rows(ratios):
+        cells = [ratios[keys[p]] if p in keys else None for p in POLICIES]
+        target = ratios["targets"].get(row.removesuffix("_cpu_time"), "")
+        out.append(f"| `{row}` | " + " | ".join("n/a" if c is None else str(c) for c in cells) + f" | {target} |")
+    pairs = results["pairs"].get(ratios["primary_corpus"], {})
+    out += ["", f"Pairs compared on shard set {ratios['primary_corpus']}: " + "; ".join(
+        f"{p}: {' vs '.join(e['name'] for e in pairs[p].values())}" for p in POLICIES if p in pairs) +
+        "; the decode bound is the decoder alone on all cores, on the same (train) bytes."]
+    if lines := rebuild_lines(results.get("rebuild") or {}):
+        out += ["", "Starting a pass (what the train loader pays from `iter()` to its first batch, passes "
+                "back to back):", ""] + [f"- {line}" for line in lines]
     if lines := staging_lines(results.get("staging") or {}):
         out += ["", "Object storage (local S3 server, `pipeline.bench.staging`):", ""] + [f"- {line}" for line in lines]
     return "\n".join(out) + "\n"
@@ -135,6 +197,11 @@ def plot(results: dict, path: Path) -> Path:
         for y, m in enumerate(med):
             if m > limit:
                 ax.text(limit * 0.99, y, f"{m:,.0f} →", va="center", ha="right", fontsize=7, color="white")
+        # each DALI loader against the torch baseline of the same policy at all cores
+        for y, (_, label, e) in enumerate(entries):
+            if label.startswith("loader: dali") and (rel := over_torch(results, corpus, label, e)):
+                ax.text(min(e["images_per_s"]["max"], limit * 0.8) + limit * 0.01, y, f"x{rel} torch (same policy)",
+                        va="center", fontsize=6)
 
         ax.axvline(bound, color="k", ls="--", lw=1, label="decode bound (best per core x cores)")
         # the CPU cost per image, steady whatever the neighbours do, beside each name

@@ -7,6 +7,8 @@ carry the start-up and the burst of its first parallel batches, and are not time
 for a window of batches, and closed, so no read-ahead of one source runs on while the next
 one is timed. The median over rounds is the figure, the rounds give its spread; ratios
 between sources come from the same rounds, so a noisy neighbour slows all of them alike.
+`time_passes` is the other way round: whole passes of one loader back to back, as training
+runs them, to see what starting a pass costs and whether memory grows from pass to pass.
 """
 from __future__ import annotations
 
@@ -124,3 +126,35 @@ def measure_interleaved(sources: Iterable[Source], warmup: int, window: int, rep
             progress(f"  round {r + 1}/{repeats}  {s.name:<40} {rate:8.1f} images/s {cpu_ms:6.2f} CPU ms/image")
     units = {"images_per_s": "images/s", "first_batch_s": "s", "cpu_ms_per_image": "ms"}
     return {name: {key: figure(values, unit=units[key]) for key, values in r.items()} for name, r in runs.items()}
+
+
+def vm_rss_mib() -> float | None:
+    """This process's resident memory now (VmRSS of /proc/self/status), MiB; None without /proc."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def time_passes(loader: Any, passes: int) -> list[dict]:
+    """Run `passes` whole passes (epochs) of a loader back to back, as a training loop does,
+    and for each: seconds from the start of the pass (`iter()`: whatever the loader builds for
+    a pass) to its first batch, seconds for the whole pass, its batches and images, and the
+    process's resident memory at its end."""
+    out = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        first, batches, images = None, 0, 0
+        for batch in loader:
+            if first is None:
+                first = time.perf_counter() - start
+            batches += 1
+            images += int(batch[0].shape[0])
+        if first is None:
+            raise ValueError("time_passes: the loader yielded no batch in a pass")
+        out.append({"first_batch_s": first, "pass_s": time.perf_counter() - start, "batches": batches,
+                    "images": images, "rss_mib": vm_rss_mib()})
+    return out
