@@ -7,6 +7,10 @@ graph with CPU operators (build it with `device_id=None`). Every pipeline return
 reader's `source_info` bytes, zero-padded per batch, parsed in one vectorised step per
 batch by `pipeline.loader` (no python_function on the hot path).
 
+On the GPU the `mixed` decoder splits each batch's JPEGs between the hardware JPEG decoder
+and nvJPEG's CUDA path (Huffman decoding on DALI's CPU threads): `hw_decoder_load` is the
+hardware's share (None: DALI's default, 0.65; `pipeline.tuning` probes it for "auto").
+
 On the CPU, resizing is the costliest step (measured: decoding plus a shorter-side resize
 that changes nothing runs at a third of the rate of decoding alone), and shards from our
 packer are already stored at the side the crops are cut from. So the CPU graphs check each
@@ -73,15 +77,17 @@ def _stored_at(jpegs, side: int):
     return fn.reductions.min(fn.peek_image_shape(jpegs)[0:2]) == side
 
 
-def decode_centre(jpegs: DataNode, device: str, side: int, base: int) -> DataNode:
+def decode_centre(jpegs: DataNode, device: str, side: int, base: int,
+                  hw_decoder_load: float | None = None) -> DataNode:
     """Step 2 of val and ten-crop: the centre side x side of the image with its shorter side
     resized to `base` (uint8 HWC; on the CPU, images stored at `base` are ROI-decoded)."""
     if device == "cpu" and _stored_at(jpegs, base):
         return fn.decoders.image_crop(jpegs, crop=(side, side), output_type=types.RGB)
-    return fn.crop(_decode_resized(jpegs, device, base), crop=(side, side))
+    return fn.crop(_decode_resized(jpegs, device, base, hw_decoder_load), crop=(side, side))
 
 
-def decode_paper(jpegs: DataNode, device: str, crop_size: int, base: int) -> DataNode:
+def decode_paper(jpegs: DataNode, device: str, crop_size: int, base: int,
+                 hw_decoder_load: float | None = None) -> DataNode:
     """Step 2 of train, `crop="paper"`: a random crop_size patch of the central base x base
     square, shorter side to `base` (uint8 HWC; on the CPU, images stored at `base` decode
     only the patch)."""
@@ -93,44 +99,50 @@ def decode_paper(jpegs: DataNode, device: str, crop_size: int, base: int) -> Dat
         y = ((h - base) * 0.5 + v * (base - crop_size)) / (h - crop_size)
         return fn.decoders.image_crop(jpegs, crop=(crop_size, crop_size), crop_pos_x=x,
                                       crop_pos_y=y, output_type=types.RGB)
-    square = fn.crop(_decode_resized(jpegs, device, base), crop=(base, base))
+    square = fn.crop(_decode_resized(jpegs, device, base, hw_decoder_load), crop=(base, base))
     return fn.crop(square, crop=(crop_size, crop_size), crop_pos_x=u, crop_pos_y=v)
 
 
-def _decode_resized(jpegs, device: str, base: int):
-    images = fn.decoders.image(jpegs, device=_decoder(device), output_type=types.RGB)
+def _decode_resized(jpegs, device: str, base: int, hw_decoder_load: float | None):
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder(device, hw_decoder_load))
     return fn.resize(images, resize_shorter=base)
 
 
-def decode_rrc_window(jpegs: DataNode, device: str, rrc_scale: Sequence[float]) -> DataNode:
+def decode_rrc_window(jpegs: DataNode, device: str, rrc_scale: Sequence[float],
+                      hw_decoder_load: float | None = None) -> DataNode:
     """RandomResizedCrop's first half: ROI-decode a random window (area fraction in
     `rrc_scale`, aspect ratio in RRC_RATIO), at its stored size (uint8 HWC)."""
-    return fn.decoders.image_random_crop(jpegs, device=_decoder(device), output_type=types.RGB,
+    return fn.decoders.image_random_crop(jpegs, output_type=types.RGB, **_decoder(device, hw_decoder_load),
                                          random_area=list(rrc_scale),
                                          random_aspect_ratio=list(RRC_RATIO))
 
 
-def decode_rrc(jpegs: DataNode, device: str, crop_size: int, rrc_scale: Sequence[float]) -> DataNode:
+def decode_rrc(jpegs: DataNode, device: str, crop_size: int, rrc_scale: Sequence[float],
+               hw_decoder_load: float | None = None) -> DataNode:
     """Step 2 of train, `crop="rrc"`: RandomResizedCrop, the random window
     (`decode_rrc_window`) resized to crop_size x crop_size (uint8 HWC)."""
-    return fn.resize(decode_rrc_window(jpegs, device, rrc_scale), size=[crop_size, crop_size])
+    return fn.resize(decode_rrc_window(jpegs, device, rrc_scale, hw_decoder_load), size=[crop_size, crop_size])
 
 
-def _decoder(device: str) -> str:
-    return "mixed" if device == "gpu" else "cpu"
+def _decoder(device: str, hw_decoder_load: float | None) -> dict:
+    """The decoder's device ("mixed" on the GPU: nvJPEG and the hardware decoder) and, there,
+    the share of images sent to the hardware decoder (None: DALI's default)."""
+    if device != "gpu":
+        return {"device": "cpu"}
+    return {"device": "mixed"} if hw_decoder_load is None else {"device": "mixed", "hw_decoder_load": hw_decoder_load}
 
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(tars, indexes, shard_id, num_shards, *, device, crop, crop_size, resize_to,
-                   rrc_scale, mean, std, lighting_matrix, dtype, initial_fill=1024):
+                   rrc_scale, mean, std, lighting_matrix, dtype, initial_fill=1024, hw_decoder_load=None):
     """read (shuffled) -> decode + crop (`rrc`, or `paper`: a random patch of the central
     resize_to square) -> flip p=0.5 -> PCA lighting -> normalise."""
     jpegs, labels, keys = read_samples(tars, indexes, shard_id, num_shards, shuffle=True,
                                        initial_fill=initial_fill)
     if crop == "rrc":
-        images = decode_rrc(jpegs, device, crop_size, rrc_scale)
+        images = decode_rrc(jpegs, device, crop_size, rrc_scale, hw_decoder_load)
     else:
-        images = decode_paper(jpegs, device, crop_size, resize_to)
+        images = decode_paper(jpegs, device, crop_size, resize_to, hw_decoder_load)
     images = fn.crop_mirror_normalize(
         images, mirror=fn.random.coin_flip(probability=0.5),
         mean=_lit_mean(mean, lighting_matrix) if lighting_matrix else list(mean), std=list(std),
@@ -140,10 +152,10 @@ def train_pipeline(tars, indexes, shard_id, num_shards, *, device, crop, crop_si
 
 @pipeline_def(enable_conditionals=True)
 def val_pipeline(tars, indexes, shard_id, num_shards, *, device, crop_size, resize_to, mean, std,
-                 dtype):
+                 dtype, hw_decoder_load=None):
     """read (in order) -> decode -> shorter side to resize_to -> centre crop -> normalise."""
     jpegs, labels, keys = read_samples(tars, indexes, shard_id, num_shards, shuffle=False)
-    images = decode_centre(jpegs, device, crop_size, resize_to)
+    images = decode_centre(jpegs, device, crop_size, resize_to, hw_decoder_load)
     images = fn.crop_mirror_normalize(images, mean=list(mean), std=list(std), dtype=DTYPES[dtype],
                                       output_layout="CHW")
     return images, labels, keys
@@ -151,11 +163,11 @@ def val_pipeline(tars, indexes, shard_id, num_shards, *, device, crop_size, resi
 
 @pipeline_def(enable_conditionals=True)
 def ten_crop_pipeline(tars, indexes, shard_id, num_shards, *, device, crop_size, resize_to, mean,
-                      std, dtype):
+                      std, dtype, hw_decoder_load=None):
     """The paper's test protocol: the four corners and the centre of the central resize_to
     square, then the same five mirrored: images [10, 3, crop, crop] per sample."""
     jpegs, labels, keys = read_samples(tars, indexes, shard_id, num_shards, shuffle=False)
-    square = decode_centre(jpegs, device, resize_to, resize_to)
+    square = decode_centre(jpegs, device, resize_to, resize_to, hw_decoder_load)
     views = [
         fn.crop_mirror_normalize(square, crop=(crop_size, crop_size), crop_pos_x=x, crop_pos_y=y,
                                  mirror=flip, mean=list(mean), std=list(std),

@@ -83,6 +83,11 @@ class DaliLoader(EpochLoader):
         self._prior: list[int] = []  # positions handed out before the restart this pass resumed from
         self._sources: list[tuple[str, str]] = []  # (tar, key) of each sample handed out since
         self._where: dict[tuple[str, str], int] | None = None  # (tar, key) -> position, once per pass
+        if spec.auto:  # num_threads / hw_decoder_load "auto": probed on this rank's part, before any pass
+            from pipeline.tuning import tune
+
+            self.spec, self.tuning = tune(spec, Path(self._parts.name))
+            self._base = self.spec
 
     def __iter__(self) -> Iterator[tuple]:
         epoch = self._next_epoch()
@@ -260,7 +265,7 @@ def build_pipeline(spec: LoaderSpec, epoch: int, part_dir: Path | None = None,
         std=[255 * s for s in spec.stats.std], dtype=spec.dtype,
         batch_size=spec.batch_size, num_threads=spec.num_threads,
         device_id=_device_id(spec), seed=spec.epoch_seed(epoch) + (len(skip) if skip else 0),
-        prefetch_queue_depth=spec.prefetch,
+        prefetch_queue_depth=spec.prefetch, hw_decoder_load=spec.hw_decoder_load,
     )
     if spec.train:
         pipe = dali.train_pipeline(

@@ -32,7 +32,10 @@ DEVICES = ("cuda", "cpu")
 EXTRA_DEFAULTS: dict = {
     "crop": "rrc",  # train crop policy: "rrc" (RandomResizedCrop) or "paper"
     "ten_crop": False,  # val: the paper's ten views per image, images [B, 10, 3, crop, crop]
-    "num_threads": None,  # DALI threads / DataLoader workers; None: the usable cores, at most 8
+    "num_threads": None,  # DALI threads / DataLoader workers; None: the usable cores, at most 8;
+    #                       "auto" (DALI): probed on the rank's own shards (pipeline.tuning)
+    "hw_decoder_load": None,  # DALI mixed decoder: share of JPEGs for the hardware decoder, 0..1;
+    #                           None: DALI's default (0.65); "auto": probed (pipeline.tuning)
     "prefetch": 2,  # batches prepared ahead (DALI prefetch_queue_depth, DataLoader prefetch_factor)
     "dtype": "float32",
     "lighting": True,  # PCA lighting in train
@@ -75,6 +78,8 @@ class LoaderSpec:
     device_id: int | None
     shuffle_buffer: int
     on_corrupt: str = "error"
+    hw_decoder_load: float | None = None  # the mixed decoder's hardware share (GPU graphs); None: DALI's
+    auto: tuple[str, ...] = ()  # the settings make_loader probes before the first pass ("num_threads", ...)
     remainder: Remainder | None = None  # train, after a resize: what is left of one epoch (pipeline.remainder)
     part: tuple[int, int] = field(init=False)
 
@@ -222,11 +227,25 @@ def resolve(shards_dir, split, batch_size, rank, world_size, device, backend, cr
             f"{data.num_samples // world_size} of the {data.num_samples} train samples in {data.uri}: "
             "lower batch_size or world_size"
         )
-    threads = opts["num_threads"]
+    threads, load, auto = opts["num_threads"], opts["hw_decoder_load"], []
+    if threads == "auto" or load == "auto":
+        if backend != "dali":
+            raise ValueError("num_threads/hw_decoder_load='auto' probes DALI pipelines: use backend='dali' "
+                             "or pass numbers")
+    if threads == "auto":
+        threads = None
+        auto.append("num_threads")
     if threads is None:
         threads = max(1, min(8, len(os.sched_getaffinity(0))))
-    elif int(threads) < (0 if backend == "torch" else 1):  # 0 workers: the torch baseline in-process
-        raise ValueError(f"num_threads={threads!r}: must be >= 1 (0 DataLoader workers is for backend='torch' only)")
+    elif not isinstance(threads, int) or threads < (0 if backend == "torch" else 1):  # 0: the baseline in-process
+        raise ValueError(f"num_threads={threads!r}: must be an integer >= 1 or 'auto' (0 DataLoader workers is "
+                         "for backend='torch' only)")
+    if load == "auto":
+        load = None
+        if device == "cuda":  # only the mixed (GPU) decoder has a hardware share to tune
+            auto.append("hw_decoder_load")
+    elif load is not None and (isinstance(load, bool) or not isinstance(load, (int, float)) or not 0 <= load <= 1):
+        raise ValueError(f"hw_decoder_load={load!r}: must be a number in [0, 1], 'auto' or None (DALI's default)")
     spec = LoaderSpec(
         data=data, stats=read_stats(data.root), batch_size=batch_size, rank=rank,
         world_size=world_size, device=device, crop_size=crop_size, seed=int(seed),
@@ -234,7 +253,7 @@ def resolve(shards_dir, split, batch_size, rank, world_size, device, backend, cr
         num_threads=int(threads), prefetch=max(1, int(opts["prefetch"])), dtype=opts["dtype"],
         lighting=bool(opts["lighting"]), rrc_scale=(lo, hi), epoch=int(opts["epoch"]),
         device_id=opts["device_id"], shuffle_buffer=max(1, int(opts["shuffle_buffer"])),
-        on_corrupt=opts["on_corrupt"],
+        on_corrupt=opts["on_corrupt"], hw_decoder_load=None if load is None else float(load), auto=tuple(auto),
     )
     spec.check_staging()
     return spec
@@ -259,6 +278,7 @@ class EpochLoader:
         self._pass: tuple[int, int] | None = None  # (epoch, batches handed out) while a pass runs
         self._resume: dict | None = None
         self.skipped: list[dict] = []  # corrupt samples left out (on_corrupt="skip"): shard, key, epoch
+        self.tuning: dict | None = None  # what "auto" settings chose and measured (pipeline.tuning)
 
     def __len__(self) -> int:
         return self.spec.num_batches

@@ -1,0 +1,104 @@
+"""Self-tuned decoding (`num_threads` / `hw_decoder_load` = "auto", pipeline.tuning) and the
+loader's usage figures (pipeline.usage), on real shards and real DALI CPU pipelines."""
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+
+from pipeline import make_loader
+from pipeline.loader import build_pipeline
+from pipeline.tuning import thread_candidates, thread_cap, tune
+from pipeline.usage import DaliThreads, memory_mb
+
+CROP = 56
+
+
+def loader(shards, **kw):
+    return make_loader(shards, "train", batch_size=16, device="cpu", crop_size=CROP, **kw)
+
+
+def test_thread_candidates_most_first() -> None:
+    assert thread_candidates(1) == [1]
+    assert thread_candidates(6) == [6, 4, 2, 1]
+    assert thread_candidates(16) == [16, 8, 4, 2, 1]
+
+
+def test_auto_threads_probes_each_candidate_picks_one_and_logs(demo_shards, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="pipeline.tuning"):
+        tuned = loader(demo_shards, num_threads="auto", hw_decoder_load="auto")
+    report = tuned.tuning
+    assert report["tuned"] == ["num_threads"]  # the CPU graph has no hardware decoder share to tune
+    probed = [p["num_threads"] for p in report["probes"]]
+    assert probed == thread_candidates(thread_cap("cpu"))
+    assert all(p["images_per_s"] > 0 and p["batches"] >= 1 and p["hw_decoder_load"] is None for p in report["probes"])
+    chosen = report["chosen"]
+    assert tuned.spec.num_threads == chosen["num_threads"] in probed and tuned.spec.hw_decoder_load is None
+    fastest = max(p["images_per_s"] for p in report["probes"])
+    assert next(p for p in report["probes"] if p["num_threads"] == chosen["num_threads"])["images_per_s"] >= 0.97 * fastest
+    assert tuned.spec.auto == ()
+    line = next(r.getMessage() for r in caplog.records if "auto-tuned" in r.getMessage())
+    assert f"num_threads {chosen['num_threads']}" in line and "images/s" in line
+    # the tuned loader reads its whole epoch as any other
+    keys = [k for _, _, ks in loader(demo_shards, num_threads="auto", return_keys=True) for k in ks]
+    assert len(keys) == len(set(keys)) == len(tuned) * 16
+
+
+def test_the_budget_bounds_the_probe(demo_shards) -> None:
+    spec = loader(demo_shards, num_threads=1).spec
+    from dataclasses import replace
+
+    start = time.perf_counter()
+    chosen, report = tune(replace(spec, auto=("num_threads",)), demo_shards, budget_s=0.0)
+    assert len(report["probes"]) == 1  # past the deadline: one probe, one timed batch, then the choice
+    assert report["probes"][0]["batches"] == 1 and chosen.num_threads == report["probes"][0]["num_threads"]
+    assert report["seconds"] <= time.perf_counter() - start
+
+
+def test_an_empty_val_part_is_not_probed(demo_shards) -> None:
+    def val(rank: int, world_size: int):
+        return make_loader(demo_shards, "val", batch_size=16, rank=rank, world_size=world_size, device="cpu",
+                           crop_size=CROP, num_threads="auto")
+
+    full, empty = val(1, 2), val(0, 60)  # 50 val samples: rank 0 of 60 holds none
+    assert full.tuning is not None and full.tuning["tuned"] == ["num_threads"]
+    assert empty.num_samples == 0 and empty.tuning is None and list(empty) == []
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"num_threads": "many"}, "num_threads='many'"),
+    ({"num_threads": 0}, "num_threads=0"),
+    ({"hw_decoder_load": 1.5}, "hw_decoder_load=1.5"),
+    ({"hw_decoder_load": "high"}, "hw_decoder_load='high'"),
+    ({"backend": "torch", "num_threads": "auto"}, "backend='dali'"),
+])
+def test_bad_settings_one_line(demo_shards, kw, match) -> None:
+    with pytest.raises(ValueError, match=match) as err:
+        make_loader(demo_shards, "train", batch_size=16, device="cpu", crop_size=CROP, **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_dali_thread_utilisation_reads_the_pool(demo_shards) -> None:
+    spec = loader(demo_shards, num_threads=2).spec
+    clock = DaliThreads(spec.num_threads)
+    time.sleep(0.2)
+    assert clock.utilisation() == 0.0  # no pipeline: no DALI pool threads
+    pipe = build_pipeline(spec, 0)
+    clock.utilisation()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(len(loader(demo_shards, num_threads=2)) - 1):
+        pipe.run()
+    busy = clock.utilisation()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    pool_cpu = busy * wall * spec.num_threads
+    assert 0 < pool_cpu <= cpu + 0.02  # the pool decoded, and is a part of this process's CPU time
+    time.sleep(1.0)
+    assert clock.utilisation() < 0.02  # idle: its threads parked (a clock tick is 10 ms)
+    del pipe
+
+
+def test_memory_figures() -> None:
+    rss, device = memory_mb(torch.device("cpu"))
+    assert rss > 50 and device is None
