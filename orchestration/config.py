@@ -67,7 +67,11 @@ class TrainConfig:
     crop: str = "rrc"  # paper: random crop of the stored image; rrc: RandomResizedCrop
     crop_size: int = 224
     eval_crop: str = "center"  # center | ten_crop (the paper's test protocol)
-    dali_threads: int = 0  # 0: 1 on CPU workers, 4 on GPU workers
+    # DALI's CPU threads and the mixed decoder's hardware share: a number, or "auto" (probed by each
+    # worker on its own shards at start, pipeline.tuning). dali_threads 0: 1 on CPU workers (the
+    # trainer needs the other cores), "auto" on GPU workers; hw_decoder_load only acts on GPU workers
+    dali_threads: int | str = 0
+    hw_decoder_load: float | str = "auto"
     # node-local cache of remote shards (s3://...): "" the loader's default folder
     # (~/.cache/alexnet-dali/shards), "none" streams through DALI's S3 reader, else a folder
     cache_dir: str = ""
@@ -113,8 +117,13 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.dali_threads != "auto" and (isinstance(self.dali_threads, str) or self.dali_threads < 0):
+            raise ValueError(f"dali_threads: {self.dali_threads!r} must be an integer >= 0 or auto")
+        if self.hw_decoder_load != "auto" and (isinstance(self.hw_decoder_load, str)
+                                               or not 0 <= self.hw_decoder_load <= 1):
+            raise ValueError(f"hw_decoder_load: {self.hw_decoder_load!r} must be a number in [0, 1] or auto")
         non_negative = ("lr", "lr_base_batch", "momentum", "weight_decay", "label_smoothing",
-                        "warmup_epochs", "min_lr", "plateau_patience", "dali_threads", "torch_threads",
+                        "warmup_epochs", "min_lr", "plateau_patience", "torch_threads",
                         "max_failures", "fail_at_epoch", "cache_max_gb", "elastic_resize_monitor_interval_s",
                         "checkpoint_every_steps", "fail_at_step")
         for key in non_negative:
@@ -166,6 +175,10 @@ def _coerce(key: str, value: Any, kind: type, origin: str) -> Any:
         if isinstance(value, (list, tuple)):
             return tuple(value)
         kind = int
+    if key in ("dali_threads", "hw_decoder_load"):  # a number or "auto"
+        if value == "auto":
+            return value
+        kind = int if key == "dali_threads" else float
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool):

@@ -39,6 +39,7 @@ from orchestration.resume import (Position, StepCheckpoints, gather_rank_states,
 from orchestration.schedule import LrSchedule, peak_lr
 from orchestration.run_dir import (CURVES, METRICS, STATE, SUMMARY, check_storage, ray_storage, read_state,
                                    read_summary, run_location, write_json)
+from pipeline.usage import DaliThreads, memory_mb
 from shards.layouts import CLASSES_FILE, MANIFEST_FILE
 from shards.location import StorageError, resolve
 
@@ -87,6 +88,7 @@ class Ctx:
     world_size: int
     log_rows: MetricsLog | None  # rank 0 only
     gauges: TrainMetrics | None = None  # Ray's Prometheus endpoint, every rank
+    dali_threads: DaliThreads | None = None  # the train loader's DALI pool (None: the torch baseline)
 
 
 # ---------------------------------------------------------------- one epoch
@@ -137,12 +139,16 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
             win_time += time.perf_counter() - t0
             if ctx.gauges is not None:
                 ctx.gauges.window(win_images, win_steps, win_wait, win_time)
-            sums = all_reduce_sum([loss_sum, win_images, win_wait, win_time, win_images])
-            _add(epoch_tot, sums)
-            figures = _rates(sums, ctx.world_size)
-            if ctx.log_rows is not None:
+            usage = loader_usage(ctx)
+            sums = all_reduce_sum([loss_sum, win_images, win_wait, win_time, win_images]
+                                  + [v or 0.0 for v in usage.values()])
+            _add(epoch_tot, sums[:5])
+            figures = _rates(sums[:5], ctx.world_size)
+            if ctx.log_rows is not None:  # usage: the mean over ranks
                 ctx.log_rows.log_step(epoch, pos.step, figures["loss"], current_lr(optimizer),
-                                      figures["images_per_s"], figures["data_wait"])
+                                      figures["images_per_s"], figures["data_wait"],
+                                      **{k: None if v is None else total / ctx.world_size
+                                         for (k, v), total in zip(usage.items(), sums[5:])})
                 log.info("epoch %d step %d  loss %.4f  lr %.5f  %.0f img/s  data-wait %s", epoch, pos.step,
                          figures["loss"], current_lr(optimizer), figures["images_per_s"],
                          fmt_pct(figures["data_wait"]))
@@ -155,6 +161,14 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     if win_images:  # a tail shorter than log_every (not logged as a row, counted in the epoch)
         _add(epoch_tot, all_reduce_sum([win_loss.item(), win_images, win_wait, win_time, win_images]))
     return _rates(epoch_tot, ctx.world_size)
+
+
+def loader_usage(ctx: Ctx) -> dict[str, float | None]:
+    """This rank's loader since the last log step: its DALI threads' CPU use (a share of
+    dali_threads cores) and memory (pipeline.usage)."""
+    rss, device_mb = memory_mb(ctx.device)
+    util = ctx.dali_threads.utilisation() if ctx.dali_threads is not None else None
+    return {"dali_cpu_util": util, "rss_mb": rss, "dali_device_mb": device_mb}
 
 
 def _add(total: list[float], more: list[float]) -> None:
@@ -211,6 +225,7 @@ def train_worker(config: dict) -> None:
 
     from model import build_model
     from pipeline import make_loader
+    from pipeline.tuning import describe
 
     cfg = from_dict(config)
     context = ray.train.get_context()
@@ -249,13 +264,17 @@ def train_worker(config: dict) -> None:
     loader_args = dict(batch_size=cfg.batch_size, rank=rank, world_size=world_size,
                        device="cuda" if on_gpu else "cpu", backend=cfg.backend,  # both: batches on the GPU
                        crop_size=cfg.crop_size, seed=cfg.seed,
-                       num_threads=cfg.dali_threads or (4 if on_gpu else 1),
+                       **decoding_args(cfg, on_gpu),
                        cache_dir=cfg.cache_dir or None, cache_max_gb=cfg.cache_max_gb,  # remote shards
                        on_corrupt=cfg.on_corrupt)
     if on_gpu:
         loader_args["device_id"] = torch.cuda.current_device()
     train_loader = make_loader(cfg.shards_dir, split="train", crop=cfg.crop, epoch=pos.epoch, return_keys=True,
                                **loader_args)
+    if train_loader.tuning:  # "auto": each worker's choice on its own part; val decodes the same way
+        print(f"rank {rank}: DALI {describe(train_loader.tuning)}", flush=True)
+        loader_args.update(num_threads=train_loader.spec.num_threads,
+                           hw_decoder_load=train_loader.spec.hw_decoder_load)
     val_loader = make_loader(cfg.shards_dir, split="val", ten_crop=cfg.eval_crop == "ten_crop", **loader_args)
     num_classes, val_size = read_dataset_facts(cfg.shards_dir, val_loader)
 
@@ -279,7 +298,8 @@ def train_worker(config: dict) -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     metrics = MetricsLog(run / METRICS, resume_epoch=pos.epoch, resume_step=pos.step,
                          world_size=world_size) if rank == 0 else None
-    ctx = Ctx(cfg, device, rank, world_size, metrics, TrainMetrics(rank))
+    ctx = Ctx(cfg, device, rank, world_size, metrics, TrainMetrics(rank),
+              DaliThreads(train_loader.spec.num_threads) if cfg.backend == "dali" else None)
     ledger = SampleLedger(run, rank, int(attempt), cfg.audit_samples)
     if rank == 0:
         log.info("%s: %d worker(s) x batch %d = %d per step, %d steps/epoch, peak lr %.4g, %d classes, %d val",
@@ -369,6 +389,15 @@ def compress_gradients_bf16(model: nn.Module) -> None:
         return bf16_compress_hook(state, bucket)
 
     model.register_comm_hook(None, bf16_allreduce)
+
+
+def decoding_args(cfg: TrainConfig, on_gpu: bool) -> dict:
+    """make_loader's `num_threads` and `hw_decoder_load` from the config: "auto" probes (DALI);
+    dali_threads 0 is 1 thread on a CPU worker (its cores train) and "auto" on a GPU worker."""
+    threads = cfg.dali_threads or ("auto" if on_gpu else 1)
+    if cfg.backend == "torch":  # DataLoader workers; nothing to probe
+        return {"num_threads": 4 if threads == "auto" else threads}
+    return {"num_threads": threads, "hw_decoder_load": cfg.hw_decoder_load if on_gpu else None}
 
 
 def setup_compute(cfg: TrainConfig, local_workers: int) -> torch.device:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -158,12 +160,41 @@ def test_metrics_resume_keeps_one_row_per_epoch(tmp_path: Path) -> None:
     resumed.log_epoch(2, 20, 0.8, 0.1, 120.0, 0.1, 0.6, 0.95)
     table = pq.read_table(tmp_path / "metrics.parquet")
     assert table.column_names == ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5",
-                                  "skipped_samples", "world_size"]
+                                  "skipped_samples", "world_size", "images_per_s_per_worker", "dali_cpu_util",
+                                  "rss_mb", "dali_device_mb"]
     assert [r["epoch"] for r in resumed.epoch_rows()] == [1, 2]
     summary = summarize(resumed.epoch_rows(), wall_s=3.0, world_size=2, restarts=1)
     assert summary["top1"] == 0.6 and summary["images_per_s"] == 120.0 and summary["epochs"] == 2
     plot_curves(resumed.epoch_rows(), resolve(tmp_path / "curves.png"), resizes=[(1.4, 2, 1)])
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_of_an_older_run_without_the_usage_columns_resume(tmp_path: Path) -> None:
+    old = pa.table({"epoch": [1, 1], "step": [5, 10], "loss": [1.0, 0.9], "lr": [0.1, 0.1],
+                    "images_per_s": [100.0, 100.0], "data_wait": [0.2, 0.2], "top1": [None, 0.5],
+                    "top5": [None, 0.9], "skipped_samples": [None, 0], "world_size": [2, 2]})
+    pq.write_table(old, tmp_path / "metrics.parquet")
+    log = MetricsLog(resolve(tmp_path / "metrics.parquet"), resume_epoch=1, resume_step=10, world_size=2)
+    log.log_step(2, 15, 0.8, 0.1, 120.0, 0.1, dali_cpu_util=0.7, rss_mb=900.0)
+    log.log_epoch(2, 20, 0.8, 0.1, 120.0, 0.1, 0.6, 0.95)
+    rows = pq.read_table(tmp_path / "metrics.parquet").to_pylist()
+    assert [r["dali_cpu_util"] for r in rows] == [None, None, 0.7, None]
+    assert [r["images_per_s_per_worker"] for r in rows] == [None, None, 60.0, 60.0]
+
+
+def test_decoding_settings_are_numbers_or_auto(tmp_path: Path) -> None:
+    cfg_file = write_yaml(tmp_path / "c.yaml", BASE)
+    default = load_config(cfg_file)
+    assert (default.dali_threads, default.hw_decoder_load) == (0, "auto")
+    tuned = load_config(cfg_file, ["dali_threads=auto", "hw_decoder_load=0.9"])
+    assert (tuned.dali_threads, tuned.hw_decoder_load) == ("auto", 0.9)
+    assert load_config(cfg_file, ["hw_decoder_load=1"]).hw_decoder_load == 1.0
+    for bad, message in (("dali_threads=many", "dali_threads: expected int, got 'many'"),
+                         ("dali_threads=-1", "dali_threads: -1 must be an integer >= 0 or auto"),
+                         ("hw_decoder_load=1.5", "hw_decoder_load: 1.5 must be a number in [0, 1] or auto"),
+                         ("hw_decoder_load=high", "hw_decoder_load: expected float, got 'high'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_config(cfg_file, [bad])
 
 
 def test_lr_schedule_is_a_function_of_epochs_as_a_fraction() -> None:

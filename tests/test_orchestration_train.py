@@ -26,7 +26,7 @@ VAL_SIZE = 50
 SUMMARY_KEYS = {"top1", "top5", "images_per_s", "data_wait", "wall_s", "world_size", "epochs", "restarts",
                 "resumed_at", "world_sizes", "skipped_samples"}
 COLUMNS = ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5", "skipped_samples",
-           "world_size"]
+           "world_size", "images_per_s_per_worker", "dali_cpu_util", "rss_mb", "dali_device_mb"]
 
 
 def tiny_config(tmp_path: Path, shards: Path, **values) -> Path:
@@ -76,6 +76,10 @@ def test_two_workers_every_output_and_resume_after_worker_failure(failed_once_ru
     steps = [r for r in rows if r["top1"] is None]
     assert {r["epoch"] for r in steps} == {1, 2} and all(r["top5"] is None for r in steps)
     assert all(r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["lr"] >= 0 for r in steps)
+    assert all(r["images_per_s_per_worker"] == pytest.approx(r["images_per_s"] / 2) for r in rows)
+    # where the loader's time and memory go: its one DALI thread's CPU share, the host's RSS; no device
+    assert all(0 <= r["dali_cpu_util"] <= 1.5 and r["rss_mb"] > 100 and r["dali_device_mb"] is None for r in steps)
+    assert any(r["dali_cpu_util"] > 0 for r in steps), [r["dali_cpu_util"] for r in steps]
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
 
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
