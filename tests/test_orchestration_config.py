@@ -197,6 +197,18 @@ def test_decoding_settings_are_numbers_or_auto(tmp_path: Path) -> None:
             load_config(cfg_file, [bad])
 
 
+def test_decoding_defaults_per_worker_kind(tmp_path: Path) -> None:
+    from orchestration.train import decoding_args
+
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", BASE))
+    assert decoding_args(cfg, on_gpu=False) == {"num_threads": 1, "hw_decoder_load": None}  # its cores train
+    assert decoding_args(cfg, on_gpu=True) == {"num_threads": "auto", "hw_decoder_load": "auto"}
+    fixed = load_config(write_yaml(tmp_path / "c.yaml", BASE), ["dali_threads=6", "hw_decoder_load=0.9"])
+    assert decoding_args(fixed, on_gpu=True) == {"num_threads": 6, "hw_decoder_load": 0.9}
+    torch_ = load_config(write_yaml(tmp_path / "c.yaml", BASE), ["backend=torch", "dali_threads=auto"])
+    assert decoding_args(torch_, on_gpu=True) == {"num_threads": 4}  # DataLoader workers: nothing to probe
+
+
 def test_lr_schedule_is_a_function_of_epochs_as_a_fraction() -> None:
     from orchestration.config import from_dict
     from orchestration.schedule import lr_at, peak_lr

@@ -102,3 +102,20 @@ def test_dali_thread_utilisation_reads_the_pool(demo_shards) -> None:
 def test_memory_figures() -> None:
     rss, device = memory_mb(torch.device("cpu"))
     assert rss > 50 and device is None
+
+
+@pytest.mark.gpu
+def test_auto_on_the_gpu_tunes_the_hardware_share_then_the_threads(demo_shards) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (make gpu-check)")
+    from pipeline.tuning import HW_LOADS
+
+    tuned = make_loader(demo_shards, "train", batch_size=16, device="cuda", crop_size=CROP, num_threads="auto",
+                        hw_decoder_load="auto")
+    report = tuned.tuning
+    assert report["tuned"] == ["hw_decoder_load", "num_threads"]
+    loads = [p["hw_decoder_load"] for p in report["probes"][:len(HW_LOADS)]]
+    assert loads == list(HW_LOADS) and tuned.spec.hw_decoder_load in HW_LOADS
+    assert {p["hw_decoder_load"] for p in report["probes"][len(HW_LOADS):]} <= {tuned.spec.hw_decoder_load}
+    images, labels = next(iter(tuned))
+    assert images.is_cuda and labels.is_cuda and images.shape == (16, 3, CROP, CROP)
