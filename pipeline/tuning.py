@@ -58,7 +58,7 @@ def thread_candidates(cap: int) -> list[int]:
     return sorted(out, reverse=True)
 
 
-def tune(spec: LoaderSpec, part_dir: Path, budget_s: float = BUDGET_S) -> tuple[LoaderSpec, dict | None]:
+def tune(spec: LoaderSpec, part_dir: Path, budget_s: float | None = None) -> tuple[LoaderSpec, dict | None]:
     """The spec with its "auto" settings chosen, and the report (probes, choice, seconds),
     or None where nothing could be probed (an empty part, or tars not yet checked for corrupt
     images: probing one could crash the process). Logged in one line."""
@@ -75,6 +75,7 @@ def tune(spec: LoaderSpec, part_dir: Path, budget_s: float = BUDGET_S) -> tuple[
                     chosen.hw_decoder_load)
         return chosen, None
     spec.stage(spec.epoch)
+    budget_s = BUDGET_S if budget_s is None else budget_s
     start = time.perf_counter()
     deadline = start + budget_s
     probes: list[Probe] = []
