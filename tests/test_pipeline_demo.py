@@ -61,7 +61,7 @@ def test_crop_larger_than_stored_demo_images(demo_shards):
 
 
 def test_measure_prints_every_case_against_torch(demo_shards, capsys):
-    from pipeline.measure import CASES, main
+    from pipeline.bench.measure import CASES, main
 
     main(["--shards", str(demo_shards), "--batch-size", "8", "--batches", "1", "--repeats", "1",
           "--crop-size", str(CROP), "--threads", "1"])
