@@ -79,6 +79,7 @@ class Sizes:
     model_crop: int = 224
     model_steps: int = 20
     e2e_model: str = "alexnet-bn"
+    e2e_batch: int = 256
     e2e_steps: int = 300
     e2e_warmup: int = 20
     rebuild_epochs: int = 10
@@ -87,7 +88,7 @@ class Sizes:
 
 SMOKE = Sizes(train_images=64, val_images=32, classes=4, shard_mb=0.2, batch=16, decode_images=32,
               warmup=1, window=2, repeats=1, decoder_repeats=1, model_batch=2, model_crop=64, model_steps=1,
-              e2e_steps=6, e2e_warmup=2, rebuild_epochs=10, rebuild_world=2)
+              e2e_batch=8, e2e_steps=4, e2e_warmup=1, rebuild_epochs=10, rebuild_world=2)
 
 
 @dataclass(frozen=True)
@@ -350,24 +351,24 @@ def install_wheels(chunks: list[Path]) -> dict:
     return {"install_s": round(time.perf_counter() - t0, 1), "wheels": [w.name for w in wheels]}
 
 
-def bundle_extras() -> int:
+def bundle_extras(dest: Path = EXTRAS) -> int:
     """Copy the pure-Python packages the lent machine lacks (EXTRA_MODULES) from this
-    interpreter into `.gpu-wheels/extras`, to carry with the device call."""
+    interpreter into `dest` (`.gpu-wheels/extras`), to carry with the device call."""
     import importlib.util
 
-    EXTRAS.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
     for name in EXTRA_MODULES:
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.origin:
             raise SystemExit(f"gpu-check: {name} does not import here: run `make setup` first")
         src = Path(spec.origin)
         if src.name == "__init__.py":
-            shutil.copytree(src.parent, EXTRAS / name, dirs_exist_ok=True,
+            shutil.copytree(src.parent, dest / name, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__"))
         else:
-            shutil.copy2(src, EXTRAS / src.name)
-    size = sum(p.stat().st_size for p in EXTRAS.rglob("*") if p.is_file())
-    print(f"gpu-check: {', '.join(EXTRA_MODULES)} in {EXTRAS} ({size / MIB:.1f} MiB): carry .gpu-wheels/extras")
+            shutil.copy2(src, dest / src.name)
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    print(f"gpu-check: {', '.join(EXTRA_MODULES)} in {dest} ({size / MIB:.1f} MiB): carry it to the GPU machine")
     return 0
 
 
@@ -599,7 +600,7 @@ def step_model(ctx: dict) -> dict:
 
 
 def step_e2e(ctx: dict) -> dict:
-    """Training steps on the loader (bf16 autocast, channels_last, SGD), each timed as the
+    """Training steps on the loader (bf16 autocast on the GPU, channels_last, SGD), each timed as the
     wait for the next batch against the whole step (the device synchronised at its end, as
     `orchestration.bench_e2e` does), and the device memory at the end."""
     import torch
@@ -609,7 +610,7 @@ def step_e2e(ctx: dict) -> dict:
 
     s, device = _sizes(ctx), ctx["device"]
     crop = s.crop if _cuda(ctx) else s.model_crop
-    loader = _loader(ctx, crop_size=crop)
+    loader = _loader(ctx, crop_size=crop, batch_size=s.e2e_batch)
     torch.manual_seed(0)
     net = build_model(s.e2e_model, num_classes=ctx["corpus"]["classes"]).to(device).train()
     net = net.to(memory_format=torch.channels_last)
@@ -626,7 +627,7 @@ def step_e2e(ctx: dict) -> dict:
             it, epochs = iter(loader), epochs + 1
             x, y = next(it)[:2]
         got = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=_cuda(ctx)):  # CPU bf16 is slow, not the point
             loss = loss_fn(net(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)),
                            y.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
@@ -640,7 +641,8 @@ def step_e2e(ctx: dict) -> dict:
     windows = 5
     cuts = [round(k * len(totals) / windows) for k in range(windows + 1)]
     shares = [sum(waits[a:b]) / sum(totals[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]
-    out = {"device": device, "model": s.e2e_model, "batch": s.batch, "crop": crop, "steps": s.e2e_steps,
+    out = {"device": device, "model": s.e2e_model, "precision": "bf16 autocast" if _cuda(ctx) else "fp32",
+           "batch": s.e2e_batch, "crop": crop, "steps": s.e2e_steps,
            "epochs_started": epochs, "final_loss": round(float(loss.detach()), 4),
            "images_per_s": round(images / sum(totals), 1), "step_s": figure(totals, unit="s"),
            "data_wait_share": {**figure(shares, unit="fraction"), "overall": round(sum(waits) / sum(totals), 4)},
@@ -742,8 +744,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="break a step on purpose (raise, or hang until its limit): tests the isolation")
     p.add_argument("--work", help="where the corpus goes (default: a temporary folder, removed at the end)")
     p.add_argument("--keep-work", action="store_true")
-    p.add_argument("--bundle-extras", action="store_true", help=f"copy {', '.join(EXTRA_MODULES)} into "
-                   f"{EXTRAS.relative_to(ROOT)} to carry to the GPU machine, and stop")
+    p.add_argument("--bundle-extras", nargs="?", type=Path, const=EXTRAS, metavar="DIR",
+                   help=f"copy {', '.join(EXTRA_MODULES)} into DIR (default {EXTRAS.relative_to(ROOT)}) to carry "
+                   "to the GPU machine, and stop")
     p.add_argument("--step", choices=sorted(STEP_FUNCS), help=argparse.SUPPRESS)
     p.add_argument("--ctx", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -759,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.step:
         return run_child(args.step, args.ctx)
     if args.bundle_extras:
-        return bundle_extras()
+        return bundle_extras(args.bundle_extras)
     prepare_imports(argv)
     return check(args, argv)
 
