@@ -159,6 +159,8 @@ def test_quick_bench_writes_every_field_and_the_png(demo_shards: Path, tmp_path:
     assert len(rebuild["rss_mib"]) == passes and min(rebuild["rss_mib"]) > 0
     assert rebuild["rss_after_pass_2_mib"] == rebuild["rss_mib"][1]
     assert rebuild["rss_growth_mib"] == pytest.approx(rebuild["rss_mib"][-1] - rebuild["rss_mib"][1], abs=0.11)
+    slope = np.polyfit(range(passes - 1), rebuild["rss_mib"][1:], 1)[0]
+    assert rebuild["rss_slope_mib_per_pass"] == pytest.approx(slope, abs=0.006)
 
     png = Path(res["png"])
     assert png == out / "bench.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -35,6 +35,8 @@ from functools import partial
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.bench.corpus import CorpusSpec, ensure_corpus
 from pipeline.bench.decode import dali_decode_source, load_jpegs, pil_rate, pil_source
 from pipeline.bench.figures import POLICIES, figure, policy, ratio
@@ -305,6 +307,10 @@ def rebuild_cost(shards_dir: Path, settings: Settings, cores: int, progress) -> 
     }
     if len(rss) >= 2 and None not in rss:
         out.update(rss_after_pass_2_mib=rss[1], rss_after_last_mib=rss[-1], rss_growth_mib=round(rss[-1] - rss[1], 1))
+        # RSS moves up and down as freed pipelines are collected: the trend over passes 2..N
+        # says more than its two ends
+        out["rss_slope_mib_per_pass"] = round(float(np.polyfit(range(len(rss) - 1), rss[1:], 1)[0]), 2) \
+            if len(rss) >= 3 else None
     progress(f"rebuild: first batch {first['median']:.3f} s of a {whole['median']:.2f} s pass (steady batch "
              f"{batch['median']:.3f} s): {out['rebuild_share']:.1%} of this pass; RSS {rss[1]} -> {rss[-1]} MiB "
              f"from pass 2 to {len(rss)}")

@@ -104,7 +104,8 @@ def rebuild_lines(rebuild: dict) -> list[str]:
            f"({rebuild['steady_images_per_s']['median']:.0f} images/s, {rebuild['imagenet_epoch_s']:.0f} s)"]
     if "rss_growth_mib" in rebuild:
         out.append(f"RSS after pass 2: {rebuild['rss_after_pass_2_mib']} MiB, after pass {rebuild['passes']}: "
-                   f"{rebuild['rss_after_last_mib']} MiB ({rebuild['rss_growth_mib']:+.1f} MiB)")
+                   f"{rebuild['rss_after_last_mib']} MiB ({rebuild['rss_growth_mib']:+.1f} MiB; trend over passes "
+                   f"2..{rebuild['passes']}: {rebuild['rss_slope_mib_per_pass']:+.1f} MiB per pass)")
     return out
 
 
