@@ -528,16 +528,11 @@ def step_auto(ctx: dict) -> dict:
     s = _sizes(ctx)
     auto = {"num_threads": "auto", **({"hw_decoder_load": "auto"} if _cuda(ctx) else {})}
     t0 = time.perf_counter()
-    try:
-        loader = _loader(ctx, **auto)
-    except (TypeError, ValueError) as err:
-        raise RuntimeError(f"make_loader does not take {auto} (yet?): {one_line(err)}") from err
+    loader = _loader(ctx, **auto)  # probes before it returns (pipeline.tuning)
     made_s = time.perf_counter() - t0
-    if not hasattr(loader, "tuning"):
-        raise RuntimeError("make_loader took 'auto' but its loader has no `tuning` record (pipeline.tuning missing?)")
     timed = measure_interleaved([loader_source("auto", loader)], s.warmup, s.window, s.repeats, progress=print)
     return {"asked": auto, "num_threads": loader.spec.num_threads,
-            "hw_decoder_load": getattr(loader.spec, "hw_decoder_load", None), "tuning": loader.tuning,
+            "hw_decoder_load": loader.spec.hw_decoder_load, "tuning": loader.tuning,
             "make_loader_s": round(made_s, 2), "images_per_s": timed["auto"]["images_per_s"]}
 
 
