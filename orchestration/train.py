@@ -140,6 +140,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
             if ctx.gauges is not None:
                 ctx.gauges.window(win_images, win_steps, win_wait, win_time)
             usage = loader_usage(ctx)
+            if ctx.gauges is not None:
+                ctx.gauges.loader_usage(usage)
             sums = all_reduce_sum([loss_sum, win_images, win_wait, win_time, win_images]
                                   + [v or 0.0 for v in usage.values()])
             _add(epoch_tot, sums[:5])

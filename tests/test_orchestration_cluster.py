@@ -133,8 +133,10 @@ def test_job_submission_on_a_token_authenticated_head(token_head, demo_shards, t
     # the training metrics on the head's Prometheus endpoint (ray.util.metrics, Ray's ray_ prefix)
     seen = scraped.values
     for name in ("ray_alexnet_train_images_per_s", "ray_alexnet_train_step_s", "ray_alexnet_train_samples_total",
-                 "ray_alexnet_loader_images_per_s"):
+                 "ray_alexnet_loader_images_per_s", "ray_alexnet_loader_rss_mb"):
         assert max(seen.get(name, [0])) > 0, (name, sorted(seen))
+    assert 0 <= min(seen["ray_alexnet_loader_dali_cpu_util"]) <= max(seen["ray_alexnet_loader_dali_cpu_util"]) <= 1.5
+    assert "ray_alexnet_loader_device_mb" not in seen  # CPU workers: no device memory to report
     assert 0 <= min(seen["ray_alexnet_train_data_wait"]) <= max(seen["ray_alexnet_train_data_wait"]) <= 1
     for name in ("ray_alexnet_val_top1", "ray_alexnet_val_top5"):
         assert all(0 <= v <= 1 for v in seen[name]), (name, seen.get(name))
