@@ -62,8 +62,6 @@ def tune(spec: LoaderSpec, part_dir: Path, budget_s: float | None = None) -> tup
     """The spec with its "auto" settings chosen, and the report (probes, choice, seconds),
     or None where nothing could be probed (an empty part, or tars not yet checked for corrupt
     images: probing one could crash the process). Logged in one line."""
-    from pipeline.dali import READER  # noqa: F401  (DALI must import before any probe)
-
     todo = set(spec.auto)
     chosen = replace(spec, auto=())
     parts = [i for i, _, _ in spec.part_files(spec.epoch)]
