@@ -50,6 +50,20 @@ def test_remote_set_reads_like_the_local_copy(demo_shards, remote_set, tmp_path)
     assert touched <= set(staged) and len(touched) < len(list((demo_shards / "train").glob("*.tar")))
 
 
+def test_auto_tuning_on_a_remote_set_probes_the_staged_part_and_reads_the_same_epoch(demo_shards, remote_set,
+                                                                                   tmp_path):
+    cache = tmp_path / "cache"
+    local = make_loader(str(demo_shards), "train", rank=1, world_size=2, return_keys=True, **ARGS)
+    tuned = make_loader(remote_set, "train", rank=1, world_size=2, return_keys=True, cache_dir=cache,
+                        **{**ARGS, "num_threads": "auto"})
+    assert tuned.tuning is not None and tuned.tuning["probes"]  # probed on the part staged for it
+    staged = {p.name for p in (mirror_dir(remote_set, cache) / "train").glob("*.tar")}
+    assert {Path(local.spec.data.tars[i]).name for i, _, _ in local.spec.part_files(0)} <= staged
+    # the probe read from the part's start in pipelines of its own: the pass is the untuned one's
+    keys, _ = keys_and_labels(tuned)
+    assert keys == keys_and_labels(local)[0]  # same seed, same order, whatever the thread count
+
+
 def test_streaming_through_dalis_s3_reader(demo_shards, remote_set, tmp_path):
     local = make_loader(str(demo_shards), "val", return_keys=True, **ARGS)
     remote = make_loader(remote_set, "val", return_keys=True, cache_dir="none", **ARGS)
