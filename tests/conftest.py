@@ -37,9 +37,9 @@ def demo_shards(demo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 server on 127.0.0.1 for the session (tests/s3_server.py); the AWS variables
+    """A real S3 server on 127.0.0.1 for the session (tests/helpers/s3_server.py); the AWS variables
     point at it for this process and every child it starts (packers, Ray workers)."""
-    from s3_server import S3Server
+    from helpers.s3_server import S3Server
 
     server = S3Server().start()
     saved = {k: os.environ.get(k) for k in server.env()}

@@ -10,7 +10,7 @@ import torch
 
 from pipeline import make_loader
 from pipeline.stats import IMAGENET_MEAN, IMAGENET_STD
-from pipeline_shards import COLOURS, write_colour_shards, write_gradient_shards
+from helpers.shard_writers import COLOURS, write_colour_shards, write_gradient_shards
 
 CROP = 32
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255

@@ -11,7 +11,7 @@ import torch
 
 from pipeline import make_loader
 from pipeline.loader import parse_labels
-from pipeline_shards import write_colour_shards
+from helpers.shard_writers import write_colour_shards
 
 
 @pytest.fixture(scope="module")

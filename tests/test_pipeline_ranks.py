@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from pipeline import make_loader
-from pipeline_shards import write_colour_shards
+from helpers.shard_writers import write_colour_shards
 
 
 @pytest.fixture(scope="module")

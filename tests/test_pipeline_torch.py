@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline import make_loader
-from pipeline_shards import write_colour_shards, write_gradient_shards
+from helpers.shard_writers import write_colour_shards, write_gradient_shards
 
 
 def by_key(loader) -> dict[str, tuple[torch.Tensor, int]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from s3_server import S3Server
+from helpers.s3_server import S3Server
 from shards.layouts import MANIFEST_FILE, PACK_DIR, SHARDS_FILE, split_tars
 from shards.pack import build
 from shards.verify import verify
