@@ -42,6 +42,7 @@ class AlexNetConfig:
     norm: Literal["lrn", "bn"] = "lrn"
     dropout: float = 0.5
     init: Literal["paper", "kaiming"] = "paper"
+    width: float = 1.0  # scales every conv's channels and fc6/fc7's units (1: the paper's)
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -52,6 +53,13 @@ class AlexNetConfig:
             raise ValueError(f"norm must be 'lrn' or 'bn', got {self.norm!r}")
         if self.init not in ("paper", "kaiming"):
             raise ValueError(f"init must be 'paper' or 'kaiming', got {self.init!r}")
+        if not 0 < self.width <= 1 or any(self.channels(c) % self.groups for c in (96, 256, 384)):
+            raise ValueError(f"width must be in (0, 1] and keep every conv's channels divisible by groups, "
+                             f"got {self.width}")
+
+    def channels(self, paper: int) -> int:
+        """A layer's channels (or fc units) at this width."""
+        return max(1, round(paper * self.width))
 
 
 class AlexNet(nn.Module):
@@ -61,28 +69,30 @@ class AlexNet(nn.Module):
         super().__init__()
         self.config = config
         g, bn = config.groups, config.norm == "bn"
+        c1, c2, c3, c4, c5 = (config.channels(c) for c in (96, 256, 384, 384, 256))
+        fc = config.channels(4096)
         # A conv followed by BatchNorm needs no bias: BN's shift replaces it.
-        self.conv1 = nn.Conv2d(3, 96, 11, stride=4, padding=2, bias=not bn)
-        self.norm1 = nn.BatchNorm2d(96) if bn else paper_lrn()
+        self.conv1 = nn.Conv2d(3, c1, 11, stride=4, padding=2, bias=not bn)
+        self.norm1 = nn.BatchNorm2d(c1) if bn else paper_lrn()
         self.pool1 = nn.MaxPool2d(3, stride=2)
-        self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=g, bias=not bn)
-        self.norm2 = nn.BatchNorm2d(256) if bn else paper_lrn()
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=2, groups=g, bias=not bn)
+        self.norm2 = nn.BatchNorm2d(c2) if bn else paper_lrn()
         self.pool2 = nn.MaxPool2d(3, stride=2)
-        self.conv3 = nn.Conv2d(256, 384, 3, padding=1, bias=not bn)  # sees both towers
-        self.norm3 = nn.BatchNorm2d(384) if bn else nn.Identity()
-        self.conv4 = nn.Conv2d(384, 384, 3, padding=1, groups=g, bias=not bn)
-        self.norm4 = nn.BatchNorm2d(384) if bn else nn.Identity()
-        self.conv5 = nn.Conv2d(384, 256, 3, padding=1, groups=g, bias=not bn)
-        self.norm5 = nn.BatchNorm2d(256) if bn else nn.Identity()
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, bias=not bn)  # sees both towers
+        self.norm3 = nn.BatchNorm2d(c3) if bn else nn.Identity()
+        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, groups=g, bias=not bn)
+        self.norm4 = nn.BatchNorm2d(c4) if bn else nn.Identity()
+        self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, groups=g, bias=not bn)
+        self.norm5 = nn.BatchNorm2d(c5) if bn else nn.Identity()
         self.pool5 = nn.MaxPool2d(3, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(6)  # identity at 224; lets small crops through
-        self.fc6 = nn.Linear(256 * 6 * 6, 4096, bias=not bn)
-        self.norm6 = nn.BatchNorm1d(4096) if bn else nn.Identity()
+        self.fc6 = nn.Linear(c5 * 6 * 6, fc, bias=not bn)
+        self.norm6 = nn.BatchNorm1d(fc) if bn else nn.Identity()
         self.drop6 = nn.Dropout(config.dropout)
-        self.fc7 = nn.Linear(4096, 4096, bias=not bn)
-        self.norm7 = nn.BatchNorm1d(4096) if bn else nn.Identity()
+        self.fc7 = nn.Linear(fc, fc, bias=not bn)
+        self.norm7 = nn.BatchNorm1d(fc) if bn else nn.Identity()
         self.drop7 = nn.Dropout(config.dropout)
-        self.fc8 = nn.Linear(4096, config.num_classes)
+        self.fc8 = nn.Linear(fc, config.num_classes)
         self.relu = nn.ReLU(inplace=True)
         if config.init == "paper":
             init_paper(self)

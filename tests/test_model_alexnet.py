@@ -15,6 +15,8 @@ PARAMS = {
     # the paper's layout plus BN scale and shift for 96+256+384+384+256 conv channels and
     # 4096+4096 fc6/fc7 units, less the biases BN makes redundant: 60,965,224 + 9568
     "alexnet-bn": 60_974_792,
+    # alexnet-bn at 1/16 width: convs 6-16-24-24-16, fc6/fc7 256 units, fc8 256 -> 1000
+    "alexnet-tiny": 482_342,
 }
 
 
@@ -28,7 +30,7 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_registry_names_the_four_variants() -> None:
+def test_registry_names_every_variant() -> None:
     assert set(MODEL_NAMES) == set(PARAMS)
 
 
@@ -181,3 +183,12 @@ def test_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="norm"):
         AlexNetConfig(norm="ln")  # type: ignore[arg-type]
     assert isinstance(AlexNet(AlexNetConfig(num_classes=5)), nn.Module)
+
+
+def test_width_scales_every_layer_and_keeps_the_groups_whole() -> None:
+    tiny = build_model("alexnet-tiny", num_classes=10)
+    assert [tiny.conv1.out_channels, tiny.conv2.out_channels, tiny.conv3.out_channels, tiny.conv4.out_channels,
+            tiny.conv5.out_channels, tiny.fc6.out_features, tiny.fc7.out_features] == [6, 16, 24, 24, 16, 256, 256]
+    assert tiny.conv2.groups == 2 and tiny.fc6.in_features == 16 * 6 * 6
+    with pytest.raises(ValueError, match="width"):
+        AlexNetConfig(width=1 / 96)  # conv1's one channel cannot be split into two towers
