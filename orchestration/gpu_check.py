@@ -421,12 +421,10 @@ def _device_memory_mib() -> dict | None:
     return {"used": round((total - free) / MIB, 1), "total": round(total / MIB, 1)}
 
 
-def _rss_mib() -> float | None:
-    status = Path("/proc/self/status")
-    for line in status.read_text().splitlines() if status.is_file() else []:
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return None
+def rss_mib() -> float | None:
+    from pipeline.usage import rss_mib as read  # here, not at the top: it runs before the carried extras are on the path
+
+    return read()
 
 
 def step_machine(ctx: dict) -> dict:
@@ -643,7 +641,7 @@ def step_e2e(ctx: dict) -> dict:
            "epochs_started": epochs, "final_loss": round(float(loss.detach()), 4),
            "images_per_s": round(images / sum(totals), 1), "step_s": figure(totals, unit="s"),
            "data_wait_share": {**figure(shares, unit="fraction"), "overall": round(sum(waits) / sum(totals), 4)},
-           "rss_mib": _rss_mib()}
+           "rss_mib": rss_mib()}
     if _cuda(ctx):
         out.update(max_memory_allocated_mib=round(torch.cuda.max_memory_allocated() / MIB, 1),
                    device_memory_mib=_device_memory_mib())
@@ -668,7 +666,7 @@ def step_rebuild(ctx: dict) -> dict:
         took = time.perf_counter() - start
         mem = _device_memory_mib()
         epochs.append({"epoch": e + 1, "first_batch_s": round(first, 4), "epoch_s": round(took, 4),
-                       "batches": batches, "device_used_mib": mem["used"] if mem else None, "rss_mib": _rss_mib()})
+                       "batches": batches, "device_used_mib": mem["used"] if mem else None, "rss_mib": rss_mib()})
         print(f"  epoch {e + 1}: first batch {first:.3f} s of {took:.3f} s, {batches} batches, "
               f"{'device ' + str(mem['used']) if mem else 'rss ' + str(epochs[-1]['rss_mib'])} MiB", flush=True)
     later = epochs[1:]  # the first epoch also pays the process's first pipeline build

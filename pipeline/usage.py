@@ -63,14 +63,19 @@ def _thread_cpu_s(task: Path, tick: int) -> float:
     return (int(fields[11]) + int(fields[12])) / tick
 
 
+def rss_mib() -> float | None:
+    """This process's resident memory now (VmRSS of /proc/self/status), MiB; None without /proc."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return None
+    line = next((ln for ln in status.read_text().splitlines() if ln.startswith("VmRSS:")), None)
+    return round(int(line.split()[1]) / 1024, 1) if line else None
+
+
 def memory_mb(device: torch.device) -> tuple[float | None, float | None]:
     """(resident memory of this process, device memory in use outside torch's allocator) in MB;
     the second is None on the CPU."""
-    rss = None
-    status = Path("/proc/self/status")
-    if status.is_file():
-        line = next((ln for ln in status.read_text().splitlines() if ln.startswith("VmRSS:")), None)
-        rss = int(line.split()[1]) / 1024 if line else None
+    rss = rss_mib()
     if device.type != "cuda":
         return rss, None
     free, total = torch.cuda.mem_get_info(device)

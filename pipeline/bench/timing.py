@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench.figures import figure
+from pipeline.usage import rss_mib
 
 
 @dataclass
@@ -128,17 +129,6 @@ def measure_interleaved(sources: Iterable[Source], warmup: int, window: int, rep
     return {name: {key: figure(values, unit=units[key]) for key, values in r.items()} for name, r in runs.items()}
 
 
-def vm_rss_mib() -> float | None:
-    """This process's resident memory now (VmRSS of /proc/self/status), MiB; None without /proc."""
-    status = Path("/proc/self/status")
-    if not status.is_file():
-        return None
-    for line in status.read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return None
-
-
 def time_passes(loader: Any, passes: int) -> list[dict]:
     """Run `passes` whole passes (epochs) of a loader back to back, as a training loop does,
     and for each: seconds from the start of the pass (`iter()`: whatever the loader builds for
@@ -156,5 +146,5 @@ def time_passes(loader: Any, passes: int) -> list[dict]:
         if first is None:
             raise ValueError("time_passes: the loader yielded no batch in a pass")
         out.append({"first_batch_s": first, "pass_s": time.perf_counter() - start, "batches": batches,
-                    "images": images, "rss_mib": vm_rss_mib()})
+                    "images": images, "rss_mib": rss_mib()})
     return out
