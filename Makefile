@@ -15,14 +15,18 @@ WORKERS ?=
 DEMO_SHORTER_SIDE ?= 128
 DEMO_SHARD_MB ?= 4
 
-.PHONY: setup shards train test bench cluster-up cluster-down gpu-check
+.PHONY: setup shards train test lint bench cluster-up cluster-down gpu-check
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e .
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $@
+
+# ruff, configured in pyproject.toml [tool.ruff]; `$(PY) -m ruff check --fix .` applies the safe fixes.
+lint: setup
+	$(PY) -m ruff check .
 
 shards: setup
 ifeq ($(strip $(IMAGENET_DIR)),)
