@@ -86,7 +86,7 @@ class DaliLoader(EpochLoader):
         if spec.auto:  # num_threads / hw_decoder_load "auto": probed on this rank's part, before any pass
             from pipeline.tuning import tune
 
-            self.spec, self.tuning = tune(spec, Path(self._parts.name))
+            self.spec, self._tuning = tune(spec, Path(self._parts.name))
             self._base = self.spec
 
     def __iter__(self) -> Iterator[tuple]:

@@ -15,8 +15,9 @@ Across ranks (DESIGN.md "Pipeline API"):
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -277,15 +278,39 @@ class EpochLoader:
         self.epoch = spec.epoch
         self._pass: tuple[int, int] | None = None  # (epoch, batches handed out) while a pass runs
         self._resume: dict | None = None
-        self.skipped: list[dict] = []  # corrupt samples left out (on_corrupt="skip"): shard, key, epoch
-        self.tuning: dict | None = None  # what "auto" settings chose and measured (pipeline.tuning)
+        self._skipped: list[dict] = []
+        self._tuning: dict | None = None
 
     def __len__(self) -> int:
         return self.spec.num_batches
 
     @property
+    def dataset_size(self) -> int:
+        """Samples in the whole split, all ranks together."""
+        return self.spec.data.num_samples
+
+    @property
     def num_samples(self) -> int:
+        """Samples this rank yields per epoch (train: its full batches; val: its whole part)."""
         return self.spec.num_samples
+
+    @property
+    def skipped(self) -> list[dict]:
+        """Corrupt samples left out so far (on_corrupt="skip"), one dict each: `shard`, `key`,
+        `epoch`; it only grows, so a caller counts a pass's skips as the difference."""
+        return self._skipped
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The decoding settings in effect, after any "auto" tuning: `num_threads` (DALI threads,
+        or the baseline's DataLoader workers) and `hw_decoder_load` (None: DALI's default)."""
+        return {"num_threads": self.spec.num_threads, "hw_decoder_load": self.spec.hw_decoder_load}
+
+    @property
+    def tuning(self) -> dict | None:
+        """What the "auto" settings chose and measured (`pipeline.tuning.tune`'s report: tuned,
+        chosen, probes, seconds, budget_s), or None where nothing was tuned."""
+        return self._tuning
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -66,3 +66,15 @@ def test_torch_same_seed_same_batches_and_epochs_reshuffle(tmp_path):
     assert keys(a) != [k for _, ks in first for k in ks]  # epoch 1 differs from epoch 0
     a.set_epoch(0)
     assert keys(a) == [k for _, ks in first for k in ks]
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_both_loaders_report_the_split_and_their_settings(tmp_path, backend):
+    write_colour_shards(tmp_path, "val", 21, per_shard=6)
+    loader = make_loader(tmp_path, "val", batch_size=4, rank=1, world_size=2, device="cpu", backend=backend,
+                         crop_size=16, num_threads=2, index_cache_dir=tmp_path / "idx")
+    assert loader.dataset_size == 21 and loader.num_samples == 21 - 21 // 2
+    assert loader.settings == {"num_threads": 2, "hw_decoder_load": None}
+    assert loader.skipped == [] and loader.tuning is None
+    with pytest.raises(AttributeError):
+        loader.dataset_size = 1
