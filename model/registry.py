@@ -1,7 +1,7 @@
 """Model names -> constructors (the contract's `build_model`)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -17,7 +17,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="remote --out only: local directory shards are packed in before upload "
                         "(default ~/.cache/alexnet-dali/pack/<hash of --out>)")
     b.add_argument("--splits", default="train,val", help="comma-separated: train,val")
-    b.add_argument("--shorter-side", type=int, default=256, help="resize the shorter side to N (never up); 0 keeps sizes")
+    b.add_argument("--shorter-side", type=int, default=256,
+                   help="resize the shorter side to N (never up); 0 keeps sizes")
     b.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     b.add_argument("--workers", type=int, default=None, help="encoder processes (default: all cores)")
     b.add_argument("--shard-size-mb", type=float, default=256, help="target shard size in MB (floats accepted)")

@@ -62,7 +62,7 @@ class Location:
     def __str__(self) -> str:
         return self.uri
 
-    def __truediv__(self, name: str) -> "Location":
+    def __truediv__(self, name: str) -> Location:
         name = str(name).strip("/")
         return Location(f"{self.uri.rstrip('/')}/{name}", self.fs, f"{self.path.rstrip('/')}/{name}")
 

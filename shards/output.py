@@ -23,8 +23,17 @@ import pyarrow.fs as pafs
 
 from shards.index import atomic_write_bytes
 from shards.layouts import (
-    CLASSES_FILE, IDX_SUFFIX, MANIFEST_FILE, PACK_DIR, REJECTS_FILE, SHARDS_FILE, SPLITS, STATS_FILE, TAR_SUFFIX,
-    index_name, shard_name,
+    CLASSES_FILE,
+    IDX_SUFFIX,
+    MANIFEST_FILE,
+    PACK_DIR,
+    REJECTS_FILE,
+    SHARDS_FILE,
+    SPLITS,
+    STATS_FILE,
+    TAR_SUFFIX,
+    index_name,
+    shard_name,
 )
 from shards.location import Location, check_reachable, resolve, storage_error
 from shards.upload import Uploader, read_hashed
@@ -68,7 +77,7 @@ class PackOutput:
     _lock: int | None = None
 
     @classmethod
-    def open(cls, out: str | os.PathLike, work_dir: str | os.PathLike | None = None) -> "PackOutput":
+    def open(cls, out: str | os.PathLike, work_dir: str | os.PathLike | None = None) -> PackOutput:
         """Resolve `out`; for a remote one check the bucket first (one line when it cannot be
         used) and take the work directory. Nothing is written to a local `out` yet."""
         loc = resolve(out)
@@ -145,7 +154,9 @@ class PackOutput:
         names = []
         while (name := shard_name(len(names))) + ".json" in journal and name in files and index_name(name) in files:
             names.append(name)
-        read = lambda name: json.loads((self.loc / PACK_DIR / split / (name + ".json")).read_bytes())
+        def read(name: str) -> dict:
+            return json.loads((self.loc / PACK_DIR / split / (name + ".json")).read_bytes())
+
         if self.remote and len(names) > 1:
             with ThreadPoolExecutor(16) as pool:
                 records = list(pool.map(read, names))

@@ -24,9 +24,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,14 @@ from tqdm import tqdm
 
 from shards.encode import UNREADABLE, encode_job, read_source
 from shards.layouts import (
-    CLASSES_FILE, MANIFEST_FILE, REJECTS_FILE, SHARDS_FILE, SPLITS, STATS_FILE, display_path, shard_name,
+    CLASSES_FILE,
+    MANIFEST_FILE,
+    REJECTS_FILE,
+    SHARDS_FILE,
+    SPLITS,
+    STATS_FILE,
+    display_path,
+    shard_name,
 )
 from shards.location import is_remote, is_uri, resolve
 from shards.output import PackOutput
@@ -182,7 +189,9 @@ class _Part:
     def reject(self, item: Item, split: str, reason: str, pos: int) -> None:
         for name in PART_SCHEMA.names:
             self.cols[name].append(None)
-        self.cols["split"][-1], self.cols["source"][-1], self.cols["reason"][-1] = split, display_path(item.source), reason
+        self.cols["split"][-1] = split
+        self.cols["source"][-1] = display_path(item.source)
+        self.cols["reason"][-1] = reason
         if reason.startswith(UNREADABLE):
             self.unreadable.append(pos)
 

@@ -26,7 +26,7 @@ class PixelMoments:
         return {"count": self.count, "sum": self.sum.tolist(), "outer": self.outer.ravel().tolist()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "PixelMoments":
+    def from_json(cls, d: dict) -> PixelMoments:
         m = cls()
         m.add(d["count"], d["sum"], d["outer"])
         return m

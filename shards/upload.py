@@ -13,8 +13,8 @@ import hashlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from shards.location import Location, storage_error
 

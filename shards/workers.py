@@ -17,9 +17,9 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from multiprocessing.connection import Connection, wait
-from typing import Callable, Iterable, Iterator
 
 
 class WorkerDied(ChildProcessError):
@@ -75,7 +75,7 @@ class _Pump:
     results wait for the caller, no worker gets more, so memory stays bounded; the workers'
     results are still read, so the chunk the caller waits for always arrives."""
 
-    def __init__(self, pool: "EncoderPool", jobs: Iterator, chunksize: int, name: Callable, backlog: int) -> None:
+    def __init__(self, pool: EncoderPool, jobs: Iterator, chunksize: int, name: Callable, backlog: int) -> None:
         self.pool, self.jobs, self.chunksize, self.name, self.backlog = pool, jobs, chunksize, name, backlog
         self.cond = threading.Condition()
         self.done: dict[int, list] = {}
@@ -214,8 +214,8 @@ class EncoderPool:
         proc = self._procs[w]
         proc.join(timeout=5)
         jobs = list(held[0][1]) if held else []  # the chunk it was working on
-        what = (f"while encoding {name(jobs[0])}" + (f" or one of the {len(jobs) - 1} after it" if len(jobs) > 1 else "")
-                if jobs else "while idle")
+        after = f" or one of the {len(jobs) - 1} after it" if len(jobs) > 1 else ""
+        what = f"while encoding {name(jobs[0])}{after}" if jobs else "while idle"
         raise WorkerDied(f"packer worker {proc.pid} {describe_exit(proc.exitcode)} {what}")
 
     def close(self) -> None:
