@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from orchestration.config import from_dict
+from orchestration.distributed import unwrap
 from orchestration.run_dir import ray_checkpoints, run_location
 from shards.location import Location
 
@@ -51,11 +52,6 @@ _FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|\[errno (2
 class StorageFull(Exception):
     """A checkpoint that does not fit on the run's storage, in one line: where, how much is
     needed and free, what became of the copy. Raised on a worker; pickles through Ray."""
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP (`.module`), so saved keys carry no `module.` prefix."""
-    return model.module if hasattr(model, "module") else model
 
 
 def rng_state() -> dict[str, Any]:

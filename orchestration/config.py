@@ -94,8 +94,6 @@ class TrainConfig:
     max_failures: int = 1  # worker-group restarts (Ray Train's FailureConfig)
     # elastic runs (workers: [min, max]): how often Ray Train checks whether more workers fit
     elastic_resize_monitor_interval_s: float = 60.0
-    fail_at_epoch: int = 0  # tests only: every rank raises once, after this epoch's checkpoint
-    fail_at_step: int = 0  # tests only: every rank raises once, after this global step's checkpoint
 
     def __post_init__(self) -> None:
         for key, choices in CHOICES.items():
@@ -124,8 +122,8 @@ class TrainConfig:
             raise ValueError(f"hw_decoder_load: {self.hw_decoder_load!r} must be a number in [0, 1] or auto")
         non_negative = ("lr", "lr_base_batch", "momentum", "weight_decay", "label_smoothing",
                         "warmup_epochs", "min_lr", "plateau_patience", "torch_threads",
-                        "max_failures", "fail_at_epoch", "cache_max_gb", "elastic_resize_monitor_interval_s",
-                        "checkpoint_every_steps", "fail_at_step")
+                        "max_failures", "cache_max_gb", "elastic_resize_monitor_interval_s",
+                        "checkpoint_every_steps")
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")

@@ -22,12 +22,14 @@ still trained exactly once; their augmentation differs from an unresized run's.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 
-from orchestration.checkpoint import rng_state, set_rng_state
+from orchestration.checkpoint import report, rng_state, set_rng_state
+from orchestration.distributed import unwrap
 
 log = logging.getLogger("train")
 
@@ -54,6 +56,16 @@ class Position:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def advance(self, samples: int) -> None:
+        """One step trained on `samples` (all ranks)."""
+        self.step += 1
+        self.epoch_step += 1
+        self.samples += samples
+        self.epoch_samples += samples
+
+    def end_epoch(self, epoch: int) -> None:
+        self.epoch, self.epoch_step, self.epoch_samples = epoch, 0, 0
 
 
 def gather_rank_states(rank: int, world_size: int, loader) -> list[dict[str, Any]] | None:
@@ -93,7 +105,7 @@ def reshard(ranks: list[dict[str, Any]], pos: Position, rank: int, world_size: i
     that takes (written before elastic resharding), the epoch's data restarts (False)."""
     from pipeline.remainder import remainder_of
 
-    n = loader.spec.data.num_samples
+    n = loader.dataset_size
     try:
         remainder = remainder_of([r["loader"] for r in ranks], pos.epoch, n)
     except ValueError as err:
@@ -115,41 +127,104 @@ def reshard(ranks: list[dict[str, Any]], pos: Position, rank: int, world_size: i
     return True
 
 
-class StepCheckpoints:
-    """After every step: the ledger's rows, and a step checkpoint (all ranks: ledger commit,
-    states gathered, one report) every `checkpoint_every_steps` steps inside an epoch, or
-    when the ranks agree that one of them was asked to stop (SIGTERM: `preemption`)."""
+class Saver:
+    """Checkpoints of the run as it stands, every rank taking part: the ledger's rows first
+    (every row of a registered checkpoint is on storage), the metrics, every rank's loader
+    state and RNGs gathered to rank 0, then one `ray.train.report` (a barrier)."""
 
-    def __init__(self, cfg, ledger, save, resumed_step: int, first_step=None) -> None:
+    def __init__(self, cfg, rank: int, world_size: int, model, optimizer, schedule, loader, ledger,
+                 metrics) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.model, self.optimizer, self.schedule, self.loader = model, optimizer, schedule, loader
+        self.ledger, self.metrics = ledger, metrics
+
+    def save(self, at: Position, row: dict[str, Any], epoch_end: bool = False) -> None:
+        self.ledger.commit()
+        if self.metrics is not None:
+            self.metrics.flush()
+        ranks = gather_rank_states(self.rank, self.world_size, self.loader)
+        at.world_size, at.batch_size = self.world_size, self.cfg.batch_size
+        report(row, rank=self.rank, save=True, model=self.model, optimizer=self.optimizer,
+               scheduler=self.schedule, epoch=at.epoch, config=self.cfg.to_dict(),
+               step=None if epoch_end else at.step, position=at.to_dict(), ranks=ranks)
+
+    def report(self, row: dict[str, Any], epoch: int) -> None:
+        """The epoch's metrics without a checkpoint (still a barrier on every rank)."""
+        report(row, rank=self.rank, save=False, model=self.model, optimizer=self.optimizer, scheduler=None,
+               epoch=epoch, config={})
+
+
+class Callback(Protocol):
+    """Something run on every rank after each checkpoint is reported (tests inject faults so)."""
+
+    def after_checkpoint(self, pos: Position, resumed: Position) -> None: ...
+
+
+class StepHooks:
+    """What happens around the steps besides training: the ledger's rows, this start's first
+    step in the run book, step checkpoints every `checkpoint_every_steps` steps inside an
+    epoch, epoch-end checkpoints every `checkpoint_every` epochs, and preemption: when the
+    ranks agree that one of them was sent SIGTERM (`preemption`), a checkpoint at once, then
+    a stop that Ray Train restarts from it."""
+
+    def __init__(self, cfg, saver: Saver, ledger, book, resumed: Position,
+                 callbacks: Sequence[Callback] = ()) -> None:
         from orchestration.preemption import StopAgreement
 
-        self.every, self.fail_at = cfg.checkpoint_every_steps, cfg.fail_at_step
-        self.ledger, self.save, self.resumed_step = ledger, save, resumed_step
-        self.first_step = first_step  # called once, after this attempt's first step
+        self.cfg, self.saver, self.ledger, self.book = cfg, saver, ledger, book
+        self.resumed = Position(**resumed.to_dict())
+        self.callbacks = tuple(callbacks)
         self.stop = StopAgreement()
         self.stopping = False  # agreed at an epoch's last step: stop after its checkpoint
 
     def after_step(self, epoch: int, pos: Position, keys: list[str], steps_in_epoch: int) -> None:
-        from orchestration.preemption import Preempted
-
         self.ledger.add(epoch, pos.step, keys)
-        if self.first_step is not None:
-            self.first_step, call = None, self.first_step
-            call()
+        self.book.first_step()
         inside = pos.epoch_step < steps_in_epoch
         if self.stop.poll():
             if not inside:
                 self.stopping = True  # the epoch ends now: its own checkpoint comes first
                 return
-            self.save(pos, {"epoch": epoch, "step": pos.step})
-            wait_until_registered()
-            log.warning("preempted: step checkpoint at step %d written, stopping for a restart", pos.step)
-            raise Preempted(f"SIGTERM: stopped after the checkpoint at step {pos.step}; Ray Train resumes from it")
-        if self.every and pos.epoch_step % self.every == 0 and inside:
-            self.save(pos, {"epoch": epoch, "step": pos.step})
-            if self.fail_at and pos.step == self.fail_at and self.resumed_step < self.fail_at:
-                wait_until_registered()
-                raise RuntimeError(f"fail_at_step={pos.step}: injected worker failure (tests only)")
+            self._checkpoint(pos, {"epoch": epoch, "step": pos.step})
+            self._preempted(f"step {pos.step}")
+        every = self.cfg.checkpoint_every_steps
+        if every and pos.epoch_step % every == 0 and inside:
+            self._checkpoint(pos, {"epoch": epoch, "step": pos.step})
+
+    def after_epoch(self, epoch: int, pos: Position, row: dict[str, Any]) -> None:
+        """`pos` stands at the end of `epoch`; `row` is the epoch's figures (Ray's metrics)."""
+        if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
+            self._checkpoint(pos, row, epoch_end=True)
+        else:
+            self.saver.report(row, epoch)
+        self.book.bank_time()
+        if self.stopping:
+            self._preempted(f"epoch {epoch}")
+
+    def _checkpoint(self, pos: Position, row: dict[str, Any], epoch_end: bool = False) -> None:
+        self.saver.save(pos, row, epoch_end=epoch_end)
+        for callback in self.callbacks:
+            callback.after_checkpoint(pos, self.resumed)
+
+    def _preempted(self, where: str) -> None:
+        from orchestration.preemption import Preempted
+
+        wait_until_registered()
+        log.warning("preempted: checkpoint at the end of %s written, stopping for a restart", where)
+        raise Preempted(f"SIGTERM: stopped after the checkpoint at {where}; Ray Train resumes from it")
+
+
+def restore(ckpt: dict[str, Any] | None, rank: int, world_size: int, batch_size: int, model, optimizer,
+            schedule, loader) -> bool:
+    """Put everything where the checkpoint left it: weights, optimizer, schedule, then (last:
+    building the model draws from the RNGs) this rank's loader and RNGs. True when the loader
+    continues its epoch mid-way, False when the epoch's data starts afresh."""
+    if ckpt is None:
+        return False
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["scheduler"])
+    return restore_rank_state(ckpt, rank, world_size, batch_size, loader)
 
 
 def wait_until_registered() -> None:

@@ -198,7 +198,7 @@ def test_decoding_settings_are_numbers_or_auto(tmp_path: Path) -> None:
 
 
 def test_decoding_defaults_per_worker_kind(tmp_path: Path) -> None:
-    from orchestration.train import decoding_args
+    from orchestration.loaders import decoding_args
 
     cfg = load_config(write_yaml(tmp_path / "c.yaml", BASE))
     assert decoding_args(cfg, on_gpu=False) == {"num_threads": 1, "hw_decoder_load": None}  # its cores train

@@ -1,7 +1,11 @@
 """The training step's hot path: `data_wait` is the time blocked waiting for the next batch
 and nothing else, and on a GPU no step but a logged one synchronises the host with the
 device. `train_one_epoch` is run directly (no Ray) on a real model and real tensors; the
-loader is a list of batches behind a wrapper that sleeps a known time before each one."""
+loader is a list of batches behind a wrapper that stalls a known time before each one.
+
+The loop reads its times from `Ctx.clock`; here that is a clock the test advances itself (the
+loader's stall moves it, and so does every other reading by a fixed tick), so the figures are
+exact and no assertion depends on how fast this machine runs."""
 from __future__ import annotations
 
 import time
@@ -18,10 +22,27 @@ from orchestration.train import Ctx, make_optimizer, train_one_epoch
 BATCH, STEPS, STALL_S = 8, 12, 0.05
 
 
-class SlowLoader:
-    """`STEPS` fixed batches; each `next()` first sleeps `stall_s` (a loader that is that slow)."""
+class FakeClock:
+    """Seconds that pass only when the test says: each reading moves on by `tick` (the step's
+    compute), and `stall()` by what a slow loader costs."""
 
-    def __init__(self, stall_s: float, device: torch.device) -> None:
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def stall(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class SlowLoader:
+    """`STEPS` fixed batches; each `next()` first stalls `stall_s` (a loader that is that slow):
+    on a FakeClock when given one, else by sleeping."""
+
+    def __init__(self, stall_s: float, device: torch.device, clock: FakeClock | None = None) -> None:
+        self.clock = clock
         gen = torch.Generator().manual_seed(0)
         self.batches = [(torch.randn(BATCH, 3, 32, 32, generator=gen).to(device),
                          torch.randint(0, 10, (BATCH,), generator=gen).to(device),
@@ -34,7 +55,10 @@ class SlowLoader:
     def __iter__(self):
         self.handed = 0
         for batch in self.batches:
-            time.sleep(self.stall_s)
+            if self.clock is not None:
+                self.clock.stall(self.stall_s)
+            else:
+                time.sleep(self.stall_s)
             self.handed += 1
             yield batch
 
@@ -46,7 +70,7 @@ class NoCheckpoints:
         pass
 
 
-def run_epoch(loader, device: torch.device, log_every: int, arm=lambda: None) -> tuple[dict, float]:
+def run_epoch(loader, device: torch.device, log_every: int, arm=lambda: None) -> dict:
     """One epoch of a small conv net; `arm()` runs after the set-up, right before the loop."""
     cfg = from_dict({"name": "t", "storage_path": "/tmp/r", "shards_dir": "/tmp/s", "model": "alexnet-bn",
                      "epochs": 1, "batch_size": BATCH, "workers": 1, "use_gpu": device.type == "cuda",
@@ -56,27 +80,27 @@ def run_epoch(loader, device: torch.device, log_every: int, arm=lambda: None) ->
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).to(device)
     optimizer = make_optimizer(cfg, model)
     schedule = LrSchedule(cfg, optimizer, BATCH, STEPS * BATCH)
-    ctx = Ctx(cfg, device, rank=0, world_size=1, log_rows=None)
+    ctx = Ctx(cfg, device, rank=0, world_size=1, log_rows=None,
+              clock=loader.clock if getattr(loader, "clock", None) is not None else time.perf_counter)
     arm()
-    t0 = time.perf_counter()
-    figures = train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, schedule, 1, Position(), ctx,
-                              NoCheckpoints())
-    return figures, time.perf_counter() - t0
+    return train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, schedule, 1, Position(), ctx,
+                           NoCheckpoints())
 
 
 def test_data_wait_is_the_time_blocked_on_the_loader():
-    """A loader that stalls 50 ms per batch: the measured share equals stalls / wall time
-    (within 5 points: the first step's warm-up and timer overheads), and a loader that does
-    not stall measures almost none."""
+    """A loader that stalls 50 ms per batch, on a clock where each reading costs 1 ms. Per step
+    the loop reads the clock before and after `next()` (the wait: the stall + 1 tick) and once
+    after the step (its time: the stall + 2 ticks), so the share is exactly (stall + tick) /
+    (stall + 2 ticks), and a loader that never stalls waits half of each step (its one tick)."""
     device = torch.device("cpu")
-    torch.set_num_threads(1)
-    figures, wall = run_epoch(SlowLoader(STALL_S, device), device, log_every=4)
-    expected = STEPS * STALL_S / wall
-    assert 0.2 < expected < 0.95, f"the stall must be a measurable share, not all of it: {expected:.2f}"
-    assert figures["data_wait"] == pytest.approx(expected, abs=0.05), (figures, expected)
-    fast, _ = run_epoch(SlowLoader(0.0, device), device, log_every=4)
-    assert fast["data_wait"] < 0.05, fast
-    assert fast["loss"] > 0 and figures["images_per_s"] > 0
+    tick = 0.001
+    figures = run_epoch(SlowLoader(STALL_S, device, FakeClock(tick)), device, log_every=4)
+    step_s = STALL_S + 2 * tick
+    assert figures["data_wait"] == pytest.approx((STALL_S + tick) / step_s, rel=1e-9)
+    assert figures["images_per_s"] == pytest.approx(BATCH / step_s, rel=1e-9)
+    fast = run_epoch(SlowLoader(0.0, device, FakeClock(tick)), device, log_every=4)
+    assert fast["data_wait"] == pytest.approx(0.5, rel=1e-9)
+    assert fast["loss"] > 0
 
 
 @pytest.mark.gpu
