@@ -12,7 +12,7 @@ _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "alexnet-1gpu": lambda n: AlexNet(AlexNetConfig(num_classes=n, groups=1, norm="lrn", init="paper")),
     "alexnet-torchvision": lambda n: TorchvisionAlexNet(num_classes=n),
     "alexnet-bn": lambda n: AlexNet(AlexNetConfig(num_classes=n, groups=2, norm="bn", init="kaiming")),
-    # alexnet-bn's layers at 1/16 width (about 0.2M parameters): smoke runs and the tests that
+    # alexnet-bn's layers at 1/16 width (482,342 parameters at 1000 classes, 227,912 at 10): smoke runs and tests that
     # exercise training mechanics (resume, faults, elastic), where the network is not under test
     "alexnet-tiny": lambda n: AlexNet(AlexNetConfig(num_classes=n, groups=2, norm="bn", init="kaiming",
                                                     width=1 / 16)),
