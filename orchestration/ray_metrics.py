@@ -8,10 +8,10 @@ cluster-up` fixes it) with Ray's `ray_` prefix, tagged by `rank` and `node`:
 | `ray_alexnet_train_images_per_s` | gauge | this rank's training images/s over the last logged window |
 | `ray_alexnet_train_data_wait` | gauge | share of the window's step time blocked waiting for the next batch |
 | `ray_alexnet_train_step_s` | gauge | mean step time of the window |
-| `ray_alexnet_loader_images_per_s` | gauge | images the loader delivered per second of waiting for it (an upper bound of what it sustains) |
-| `ray_alexnet_loader_dali_cpu_util` | gauge | CPU time of the DALI pool's threads over wall time x `dali_threads` (pipeline.usage) |
+| `ray_alexnet_loader_images_per_s` | gauge | images delivered per second waited for (an upper bound of what the loader sustains) |
+| `ray_alexnet_loader_dali_cpu_util` | gauge | DALI pool threads' CPU time / (wall time x `dali_threads`) |
 | `ray_alexnet_loader_rss_mb` | gauge | the worker process's resident memory, MB |
-| `ray_alexnet_loader_device_mb` | gauge | device memory in use outside torch's allocator (DALI's pools), MB; GPU workers |
+| `ray_alexnet_loader_device_mb` | gauge | device memory outside torch's allocator (DALI's pools), MB |
 | `ray_alexnet_train_samples_total` | counter | samples this rank trained |
 | `ray_alexnet_val_top1`, `ray_alexnet_val_top5` | gauge | the last epoch's exact val accuracy (fractions) |
 
@@ -41,7 +41,8 @@ class TrainMetrics:
         self.loader = gauge("alexnet_loader_images_per_s", "images the loader delivered per second waited")
         self.usage = {"dali_cpu_util": gauge("alexnet_loader_dali_cpu_util", "DALI pool CPU time / (wall x threads)"),
                       "rss_mb": gauge("alexnet_loader_rss_mb", "resident memory of the worker, MB"),
-                      "dali_device_mb": gauge("alexnet_loader_device_mb", "device memory outside torch's allocator, MB")}
+                      "dali_device_mb": gauge("alexnet_loader_device_mb",
+                                              "device memory outside torch's allocator, MB")}
         self.val_top1 = gauge("alexnet_val_top1", "val top-1 of the last epoch")
         self.val_top5 = gauge("alexnet_val_top5", "val top-5 of the last epoch")
         self.samples = Counter("alexnet_train_samples_total", description="samples trained by this rank",

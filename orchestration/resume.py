@@ -47,7 +47,7 @@ class Position:
     batch_size: int = 0
 
     @classmethod
-    def of(cls, ckpt: dict[str, Any] | None) -> "Position":
+    def of(cls, ckpt: dict[str, Any] | None) -> Position:
         if ckpt is None:
             return cls()
         if "position" in ckpt:

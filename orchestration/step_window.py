@@ -20,7 +20,7 @@ class Totals:
     wait_s: float = 0.0
     step_s: float = 0.0
 
-    def add(self, other: "Totals") -> None:
+    def add(self, other: Totals) -> None:
         self.loss_sum += other.loss_sum
         self.samples += other.samples
         self.wait_s += other.wait_s
