@@ -58,15 +58,3 @@ def test_train_on_two_ranks(demo_shards, manifest):
 def test_crop_larger_than_stored_demo_images(demo_shards):
     with pytest.raises(ValueError, match="shorter side 64"):
         make_loader(demo_shards, "val", batch_size=8, device="cpu", crop_size=65)
-
-
-def test_measure_prints_every_case_against_torch(demo_shards, capsys):
-    from pipeline.bench.measure import CASES, main
-
-    main(["--shards", str(demo_shards), "--batch-size", "8", "--batches", "1", "--repeats", "1",
-          "--crop-size", str(CROP), "--threads", "1"])
-    table = capsys.readouterr().out.split("vs torch\n")[1].splitlines()
-    assert [line.split("  ")[0].strip() for line in table] == [name for name, *_ in CASES]
-    assert all(line.endswith("x") for line in table)
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["--shards", str(demo_shards / "nowhere")])

@@ -169,7 +169,7 @@ def test_bad_remote_locations_fail_in_one_line(remote_set, s3_server, tmp_path):
 def test_bench_stages_a_remote_set_into_a_local_mirror(remote_set, demo_shards, monkeypatch, tmp_path):
     """`make bench SHARDS_DIR=s3://...` measures the staged copy (and how fast staging ran)."""
     import pipeline.shardset as shardset
-    from pipeline.bench.staging import stage_remote_set
+    from bench.loader.staging import stage_remote_set
 
     monkeypatch.setattr(shardset, "DEFAULT_INDEX_CACHE", tmp_path / "idx")
     monkeypatch.setattr("pipeline.staging.DEFAULT_CACHE_DIR", tmp_path / "cache")

@@ -5,7 +5,7 @@ step's cost: read -> keys and labels -> decode (the whole image, or only the ran
 window) -> resize to the crop -> flip + normalise to float CHW -> PCA lighting. The pieces are
 `pipeline.dali`'s public steps (`read_samples`, `decode_rrc_window`, `decode_rrc`,
 `decode_paper`) and the last line of each policy is the loader's graph itself
-(`pipeline.loader.build_pipeline`), so the profile follows the pipeline as it changes; the gap
+(`pipeline.builder.build_pipeline`), so the profile follows the pipeline as it changes; the gap
 between that line and the `make_loader` figure is the hand-over to torch (batch copy, label
 and key parsing). Only `read` (the bare reader) and `+decode` (the whole image, which the
 loader's train graph never decodes) are the bench's own cuts.
@@ -33,7 +33,7 @@ def build_stage(stage: str, shards_dir: Path, batch_size: int, threads: int, cro
     from nvidia.dali import fn, pipeline_def, types
 
     from pipeline import dali, make_loader
-    from pipeline.loader import build_pipeline
+    from pipeline.builder import build_pipeline
 
     if stage not in PROFILE_STAGES:
         raise ValueError(f"profile stage {stage!r}: choose one of {', '.join(PROFILE_STAGES)}")

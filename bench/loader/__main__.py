@@ -1,18 +1,18 @@
 """`make bench`: input-pipeline throughput against the torch baseline and the decode bound.
 
-    python -m pipeline.bench                 # cached ImageNet-like corpus (256 and full size)
-    python -m pipeline.bench --shards DIR    # the user's own shards (a path or an s3:// URI)
-    python -m pipeline.bench --quick         # about a minute: the same JSON, fewer rounds
-    python -m pipeline.bench --shards DIR --s3   # add the object-storage part on those shards
+    python -m bench.loader                 # cached ImageNet-like corpus (256 and full size)
+    python -m bench.loader --shards DIR    # the user's own shards (a path or an s3:// URI)
+    python -m bench.loader --quick         # about a minute: the same JSON, fewer rounds
+    python -m bench.loader --shards DIR --s3   # add the object-storage part on those shards
 
 All figures of one shard set are measured in the same rounds, interleaved (see
-`pipeline.bench.timing`): the decode bound (PIL and DALI's CPU decoder alone, per core;
+`bench.timing`): the decode bound (PIL and DALI's CPU decoder alone, per core;
 DALI `mixed` on a GPU), the torch baseline and DALI CPU for every graph, the train crops
 `rrc` (the default) and `paper` and the val graph, at all cores (DALI GPU too when there is
 one), with sweeps (torch `rrc` at 0..cores DataLoader workers, DALI's train crops at 1
-thread), and the DALI CPU graph cut after each stage (the profile, `pipeline.bench.profile`), and (default corpus,
+thread), and the DALI CPU graph cut after each stage (the profile, `bench.loader.profile`), and (default corpus,
 or `--s3`) the same shards staged from and streamed from a local S3 server
-(`pipeline.bench.staging`). Every ratio compares one graph with the same graph, both sides
+(`bench.loader.staging`). Every ratio compares one graph with the same graph, both sides
 at all cores (workers = threads = cores); the headline ratios are `rrc`'s, with `_paper` and
 `_val` twins. Then what starting a pass costs the train loader (`rebuild`: passes back to
 back, first batch against the whole pass, resident memory), and the end-to-end figure: the
@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,13 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bench.corpus import CorpusSpec, ensure_corpus
-from pipeline.bench.decode import dali_decode_source, load_jpegs, pil_rate, pil_source
-from pipeline.bench.figures import POLICIES, figure, policy, ratio
-from pipeline.bench.profile import PROFILE_STAGES, build_stage
-from pipeline.bench.report import markdown, plot, table, write_json
-from pipeline.bench.staging import StagingBench, stage_remote_set
-from pipeline.bench.timing import Source, loader_source, measure_interleaved, pipeline_source, time_passes
+from bench.corpus import CorpusSpec, ensure_corpus
+from bench.decode import dali_decode_source, load_jpegs, pil_rate, pil_source
+from bench.figures import POLICIES, figure, policy, ratio
+from bench.loader.profile import PROFILE_STAGES, build_stage
+from bench.loader.report import markdown, plot, table, write_json
+from bench.loader.staging import StagingBench, stage_remote_set
+from bench.timing import Source, loader_source, measure_interleaved, pipeline_source, time_passes
 from shards.location import is_remote
 
 SCHEMA = 2  # 2: ratios per policy (rrc, paper, val) at all cores, pairs, rebuild
@@ -271,13 +270,14 @@ def rebuild_cost(shards_dir: Path, settings: Settings, cores: int, progress) -> 
     first batch beyond making it (building the pipeline, parsing indexes, filling the shuffle
     buffer); `imagenet_epoch_share` puts it against a whole ImageNet epoch at the steady rate."""
     from pipeline import make_loader
+    from shards.layouts import split_tars
 
     kwargs = dict(backend="dali", device="cpu", split="train", crop="rrc", num_threads=cores)
     with tempfile.TemporaryDirectory(prefix="bench-rebuild-") as tmp:
         view = shard_view(shards_dir, Path(tmp) / "set", {"train": "train"}, settings.rebuild_images)
         loader = make_loader(str(view), batch_size=settings.batch_size, rank=0, world_size=1,
                              crop_size=settings.crop_size, seed=0, **kwargs)
-        tars, images = len(loader.spec.data.tars), loader.num_samples
+        tars, images = len(split_tars(view, "train")), loader.num_samples
         progress(f"rebuild: {settings.rebuild_passes} passes of dali cpu rrc {count(cores, 'thread')} over "
                  f"{tars} tars ({images} images, {len(loader)} batches of {settings.batch_size})")
         runs = time_passes(loader, settings.rebuild_passes)
@@ -318,30 +318,22 @@ def rebuild_cost(shards_dir: Path, settings: Settings, cores: int, progress) -> 
 
 
 def end_to_end(shards_dir: Path, chosen: list[tuple[str, dict]], settings: Settings, progress) -> dict:
-    """Data-wait share while training AlexNet with each chosen loader, in one child process
-    (`orchestration.bench_e2e`: the stage that may import both the pipeline and the model)."""
+    """Data-wait share while training AlexNet with each chosen loader (`bench.e2e`), in this process."""
+    from bench.e2e import data_wait
+
     classes_file = Path(shards_dir) / "classes.json"
     num_classes = len(json.loads(classes_file.read_text())) if classes_file.is_file() else 1000
     loaders = {name: {**kwargs, "batch_size": settings.batch_size, "rank": 0, "world_size": 1,
                       "crop_size": settings.e2e_crop, "seed": 0} for name, kwargs in chosen}
-    spec = {"shards_dir": str(shards_dir), "model": settings.e2e_model, "num_classes": num_classes,
-            "steps": settings.e2e_steps, "warmup": settings.e2e_warmup, "windows": settings.repeats,
-            "loaders": loaders}
     progress(f"end-to-end: {settings.e2e_model} at crop {settings.e2e_crop}, {settings.e2e_warmup} + "
              f"{settings.e2e_steps} steps of {settings.batch_size} with each of: {', '.join(loaders)}")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestration.bench_e2e", "--spec", json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = {}
-    for line in proc.stdout:
-        if line.startswith("BENCH_E2E "):
-            entry = json.loads(line[len("BENCH_E2E "):])
-            name = entry.pop("name")
-            out[name] = {**entry, "loader_kwargs": dict(chosen)[name]}
-            progress(f"  {name}: data-wait share {entry['data_wait_share']['overall']:.1%}, "
-                     f"step {entry['step_s']['median']:.2f} s")
-    err = proc.stderr.read()
-    if proc.wait() != 0 or len(out) != len(loaders):
-        raise RuntimeError(f"end-to-end run failed (exit {proc.returncode}):\n{err[-3000:]}")
+    for name, kwargs in loaders.items():
+        entry = data_wait(str(shards_dir), kwargs, settings.e2e_model, num_classes, settings.e2e_steps,
+                          settings.e2e_warmup, settings.repeats, "cuda" if kwargs["device"] == "cuda" else "cpu")
+        out[name] = {**entry, "loader_kwargs": dict(chosen)[name]}
+        progress(f"  {name}: data-wait share {entry['data_wait_share']['overall']:.1%}, "
+                 f"step {entry['step_s']['median']:.2f} s")
     return out
 
 
@@ -423,7 +415,7 @@ def run(args: argparse.Namespace) -> dict:
                 "load, so the share shows their contention, not what a GPU would wait")
     results: dict = {
         "schema": SCHEMA, "created": dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
-        "command": " ".join([Path(sys.executable).name, "-m", "pipeline.bench", *sys.argv[1:]]),
+        "command": " ".join([Path(sys.executable).name, "-m", "bench.loader", *sys.argv[1:]]),
         "quick": bool(args.quick), "machine": machine(), "versions": versions(),
         "settings": {**asdict(settings), "profile_threads": cores, "note": e2e_note},
         "corpora": {}, "decode_bound": {}, "loaders": {}, "profile": {}, "pairs": {}, "rebuild": {},
@@ -486,7 +478,7 @@ def fit_crop(crop: int, shard_dirs: list[Path], progress) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--shards", help="measure these shards instead of the generated corpus")
     parser.add_argument("--quick", action="store_true", help="about a minute: small batches, two rounds")
     parser.add_argument("--s3", action="store_true",

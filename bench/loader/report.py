@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.bench.figures import POLICIES, policy
+from bench.figures import POLICIES, policy
 
 
 def write_json(results: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -138,7 +138,8 @@ def markdown(results: dict) -> str:
         rel = over_torch(results, corpus, label, entry)
         cpu = entry.get("cpu_ms_per_image")
         cpu_text = f"{cpu['median']:.2f} ({cpu['min']:.2f}-{cpu['max']:.2f})" if cpu else ""
-        out.append(f"| {corpus} | {label} | {fig['median']:.0f} ({fig['min']:.0f}-{fig['max']:.0f}) | {cpu_text} | {rel} |")
+        rate = f"{fig['median']:.0f} ({fig['min']:.0f}-{fig['max']:.0f})"
+        out.append(f"| {corpus} | {label} | {rate} | {cpu_text} | {rel} |")
     for corpus, block in results["decode_bound"].items():
         out.append(f"| {corpus} | **decode bound** ({block['bound_from']}) | {block['bound']:.0f} | "
                    f"{block['cpu_ms_per_image']['median']:.2f} | |")
@@ -162,7 +163,7 @@ def markdown(results: dict) -> str:
         out += ["", "Starting a pass (what the train loader pays from `iter()` to its first batch, passes "
                 "back to back):", ""] + [f"- {line}" for line in lines]
     if lines := staging_lines(results.get("staging") or {}):
-        out += ["", "Object storage (local S3 server, `pipeline.bench.staging`):", ""] + [f"- {line}" for line in lines]
+        out += ["", "Object storage (local S3 server, `bench.loader.staging`):", ""] + [f"- {line}" for line in lines]
     return "\n".join(out) + "\n"
 
 
@@ -186,13 +187,13 @@ def plot(results: dict, path: Path) -> Path:
         labels = [label for _, label, _ in panel]
         med = [f["median"] for _, _, f in panel]
         err = [[f["median"] - f["min"] for _, _, f in panel], [f["max"] - f["median"] for _, _, f in panel]]
-        cols = [colours["decode"] if l.startswith("decode") else
-                "#d62728" if "dali" in l and l.startswith("loader") else
-                colours["loader"] if l.startswith("loader") else colours["profile"] for l in labels]
+        cols = [colours["decode"] if name.startswith("decode") else
+                "#d62728" if "dali" in name and name.startswith("loader") else
+                colours["loader"] if name.startswith("loader") else colours["profile"] for name in labels]
         bound = results["decode_bound"][corpus]["bound"]
         # reading alone runs ~20x faster than decoding: clip its bars and print their value
-        limit = 1.25 * max([bound] + [f["max"] for l, f in zip(labels, (f for _, _, f in panel))
-                                      if not l.startswith("profile: read")])
+        limit = 1.25 * max([bound] + [f["max"] for name, f in zip(labels, (f for _, _, f in panel))
+                                      if not name.startswith("profile: read")])
         ax.barh(range(len(med)), med, xerr=err, color=cols, capsize=2)
         ax.set_xlim(0, limit)
         for y, m in enumerate(med):
@@ -206,8 +207,8 @@ def plot(results: dict, path: Path) -> Path:
 
         ax.axvline(bound, color="k", ls="--", lw=1, label="decode bound (best per core x cores)")
         # the CPU cost per image, steady whatever the neighbours do, beside each name
-        ticks = [f"{l}  [{e['cpu_ms_per_image']['median']:.2f} ms]" if "cpu_ms_per_image" in e else l
-                 for l, (_, _, e) in zip(labels, entries)]
+        ticks = [f"{name}  [{e['cpu_ms_per_image']['median']:.2f} ms]" if "cpu_ms_per_image" in e else name
+                 for name, (_, _, e) in zip(labels, entries)]
         ax.set_yticks(range(len(med)), ticks, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("images/s (median of rounds; whiskers min-max); [CPU ms per image]")

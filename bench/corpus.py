@@ -86,10 +86,12 @@ def _upsample(small: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.stack([np.asarray(p) for p in planes], axis=-1)
 
 
-def synth_image(index: int, seed: int = 0) -> Image.Image:
-    """The corpus image number `index`: the same pixels for the same (index, seed)."""
+def synth_image(index: int, seed: int = 0, size: tuple[int, int] | None = None) -> Image.Image:
+    """The corpus image number `index`: the same pixels for the same (index, seed, size); its
+    (width, height) drawn from SIZE_MIX, or `size` (the packer bench's fixed 500x375). The one
+    synthetic-photo generator of the benches."""
     rng = np.random.default_rng([seed, index])
-    w, h = image_size(rng)
+    w, h = size or image_size(rng)
     detail = float(np.exp(rng.normal(np.log(2.5), 0.5)))
     # Octave grids are sized relative to a 768-px reference so that texture scales with the
     # image: a large photo carries finer detail per pixel-of-500, as real large photos do.
@@ -116,21 +118,23 @@ def _wnid(label: int) -> str:
     return f"n{90000000 + label:08d}"
 
 
-def _write_one(args: tuple[int, int, int, int, str]) -> None:
-    index, seed, classes, quality, root = args
+def _write_one(args: tuple[int, int, int, int, str, tuple[int, int] | None]) -> None:
+    index, seed, classes, quality, root, size = args
     label = index % classes
     path = Path(root) / "train" / _wnid(label) / f"{_wnid(label)}_{index}.JPEG"
-    synth_image(index, seed).save(path, "JPEG", quality=quality)
+    synth_image(index, seed, size).save(path, "JPEG", quality=quality)
 
 
-def write_tree(spec: CorpusSpec, out: Path, workers: int | None = None) -> Path:
-    """Write an ImageNet-layout tree (`train/<wnid>/*.JPEG`) of `spec.images` images."""
+def write_tree(spec: CorpusSpec, out: Path, workers: int | None = None,
+               size: tuple[int, int] | None = None) -> Path:
+    """Write an ImageNet-layout tree (`train/<wnid>/*.JPEG`) of `spec.images` images (all of
+    `size` where given)."""
     out = Path(out)
     for label in range(spec.classes):
         (out / "train" / _wnid(label)).mkdir(parents=True, exist_ok=True)
     (out / "LOC_synset_mapping.txt").write_text(
         "".join(f"{_wnid(k)} bench class {k}\n" for k in range(spec.classes)))
-    jobs = [(i, spec.seed, spec.classes, spec.quality, str(out)) for i in range(spec.images)]
+    jobs = [(i, spec.seed, spec.classes, spec.quality, str(out), size) for i in range(spec.images)]
     workers = workers or mp.cpu_count()
     if workers <= 1:
         for job in jobs:

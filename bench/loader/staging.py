@@ -12,20 +12,13 @@ with the loaders, so streaming pays for the server's CPU too.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipeline.bench.timing import Source, loader_source
-
+from bench.timing import Source, loader_source
 from tests.helpers.s3_server import LocalS3  # noqa: E402
 
 
@@ -54,11 +47,12 @@ class StagingBench:
     def sources(self, batch_size: int, crop_size: int, threads: int) -> list[Source]:
         """Stage every train shard once (timed), then the staged and the streamed loader."""
         from pipeline import make_loader
+        from pipeline.shardset import open_split
 
         args = dict(split="train", batch_size=batch_size, rank=0, world_size=1, crop_size=crop_size, seed=0,
                     backend="dali", device="cpu", crop="rrc", num_threads=threads)
         staged = make_loader(self.uri, cache_dir=self._cache.name, **args)
-        data = staged.spec.data
+        data = open_split(self.uri, "train", cache_dir=self._cache.name)  # the set the staged loader reads
         rels = [f"train/{Path(t).name}" for t in data.tars]
         t0 = time.perf_counter()
         paths = data.cache.fetch(rels)

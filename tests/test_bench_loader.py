@@ -1,5 +1,6 @@
-"""`python -m pipeline.bench`: the quick run writes every JSON field and the PNG; the corpus is
-deterministic, ImageNet-like and cached. No timing assertions (speed goes to the bench)."""
+"""`python -m bench.loader`: the quick run writes every JSON field and the PNG; the corpus is
+deterministic, ImageNet-like and cached; the quick side-by-side check prints every case. No
+timing assertions (speed goes to the bench)."""
 from __future__ import annotations
 
 import io
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.bench.corpus import SIZE_MIX, CorpusSpec, ensure_corpus, image_size, synth_image
-from pipeline.bench.figures import figure
-from pipeline.bench.profile import PROFILE_STAGES
+from bench.corpus import SIZE_MIX, CorpusSpec, ensure_corpus, image_size, synth_image
+from bench.figures import figure
+from bench.loader.measure import CASES
+from bench.loader.measure import main as measure_main
+from bench.loader.profile import PROFILE_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE_KEYS = {"median", "min", "max", "spread", "runs", "unit"}
@@ -23,7 +26,7 @@ FIGURE_KEYS = {"median", "min", "max", "spread", "runs", "unit"}
 
 def run_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pipeline.bench", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "bench.loader", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -231,7 +234,7 @@ def test_figure_reports_median_and_spread() -> None:
 def test_sources_roll_over_epochs_and_leave_restarts_untimed() -> None:
     import torch
 
-    from pipeline.bench.timing import loader_source, measure_interleaved, time_window
+    from bench.timing import loader_source, measure_interleaved, time_window
 
     epoch = [(torch.zeros(4, 3, 2, 2), torch.zeros(4)), (torch.zeros(3, 3, 2, 2), torch.zeros(3))]
     source = loader_source("list", epoch)
@@ -243,3 +246,14 @@ def test_sources_roll_over_epochs_and_leave_restarts_untimed() -> None:
     said = []
     timed = measure_interleaved([source], warmup=1, window=2, repeats=2, settle_s=0, progress=said.append)
     assert set(timed["list"]) == {"images_per_s", "first_batch_s", "cpu_ms_per_image"} and len(said) == 2
+
+
+def test_measure_prints_every_case_against_torch(demo_shards, capsys):
+    """`python -m bench.loader.measure`, the quick side-by-side check: every case against torch."""
+    measure_main(["--shards", str(demo_shards), "--batch-size", "8", "--batches", "1", "--repeats", "1",
+                  "--crop-size", "56", "--threads", "1"])
+    table = capsys.readouterr().out.split("vs torch\n")[1].splitlines()
+    assert [line.split("  ")[0].strip() for line in table] == [name for name, *_ in CASES]
+    assert all(line.endswith("x") for line in table)
+    with pytest.raises(SystemExit, match="does not exist"):
+        measure_main(["--shards", str(demo_shards / "nowhere")])

@@ -1,11 +1,11 @@
 """Side-by-side images/s of the DALI CPU loader and the torch baseline on the same shards.
 
-    python -m pipeline.bench.measure --shards data/shards [--batch-size 64] [--batches 20] [--repeats 3]
+    python -m bench.loader.measure --shards data/shards [--batch-size 64] [--batches 20] [--repeats 3]
 
 Each case reads `--batches` batches after one warm-up batch; the cases take turns within
 each repeat, so drift on a shared machine hits them all alike, and the ratios are
 reported against the torch baseline measured in the same run. (`make bench`,
-`python -m pipeline.bench`, is the full benchmark; this is the quick check of issue 5.)
+`python -m bench.loader`, is the full benchmark; this is the quick check of issue 5.)
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 
-from pipeline.loader import make_loader
+from pipeline import make_loader
 
 # (name, backend, split, extra arguments)
 CASES = (
@@ -40,7 +40,7 @@ def images_per_s(loader, batches: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench.measure", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.loader.measure", description=__doc__.splitlines()[0])
     p.add_argument("--shards", required=True, help="shard set (SHARDS_DIR) holding train/ and val/")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=20, help="timed batches per case and repeat")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.figures import figure
+from bench.figures import figure
 from pipeline.usage import rss_mib
 
 
@@ -129,11 +129,13 @@ def measure_interleaved(sources: Iterable[Source], warmup: int, window: int, rep
     return {name: {key: figure(values, unit=units[key]) for key, values in r.items()} for name, r in runs.items()}
 
 
-def time_passes(loader: Any, passes: int) -> list[dict]:
+def time_passes(loader: Any, passes: int, sync: Callable[[], None] | None = None,
+                after: Callable[[dict], None] | None = None) -> list[dict]:
     """Run `passes` whole passes (epochs) of a loader back to back, as a training loop does,
     and for each: seconds from the start of the pass (`iter()`: whatever the loader builds for
-    a pass) to its first batch, seconds for the whole pass, its batches and images, and the
-    process's resident memory at its end."""
+    a pass) to its first batch, seconds for the whole pass (after `sync()`, e.g. the CUDA
+    device's), its batches and images, and the process's resident memory at its end.
+    `after(entry)` is called at the end of each pass (to add what else to record, or print)."""
     out = []
     for _ in range(passes):
         start = time.perf_counter()
@@ -143,8 +145,12 @@ def time_passes(loader: Any, passes: int) -> list[dict]:
                 first = time.perf_counter() - start
             batches += 1
             images += int(batch[0].shape[0])
+        if sync is not None:
+            sync()
         if first is None:
             raise ValueError("time_passes: the loader yielded no batch in a pass")
         out.append({"first_batch_s": first, "pass_s": time.perf_counter() - start, "batches": batches,
                     "images": images, "rss_mib": rss_mib()})
+        if after is not None:
+            after(out[-1])
     return out

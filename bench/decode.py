@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.bench.figures import figure
+from bench.figures import figure
 
 
 def load_jpegs(shards_dir: Path, split: str = "train", limit: int | None = None) -> list[bytes]:
@@ -35,7 +35,7 @@ def load_jpegs(shards_dir: Path, split: str = "train", limit: int | None = None)
     return blobs
 
 
-def _pil_decode(blobs: list[bytes]) -> None:
+def pil_decode(blobs: list[bytes]) -> None:
     for blob in blobs:
         with Image.open(io.BytesIO(blob)) as im:
             im.convert("RGB").load()
@@ -43,11 +43,11 @@ def _pil_decode(blobs: list[bytes]) -> None:
 
 def _pil_worker(shards_dir: str, limit: int, part: int, parts: int, passes: int, ready, go, done) -> None:
     blobs = load_jpegs(Path(shards_dir), limit=limit)[part::parts]
-    _pil_decode(blobs[:8])  # warm caches and code paths before the clock starts
+    pil_decode(blobs[:8])  # warm caches and code paths before the clock starts
     ready.release()
     go.wait()
     for _ in range(passes):
-        _pil_decode(blobs)
+        pil_decode(blobs)
     done.put(len(blobs) * passes)
 
 
@@ -77,12 +77,12 @@ def pil_rate(shards_dir: Path, limit: int, processes: int, repeats: int, passes:
 def pil_source(name: str, blobs: list[bytes], batch_size: int):
     """A batch source that decodes `batch_size` images with PIL in this thread per batch:
     the per-core PIL rate, timed in the same rounds as the loaders."""
-    from pipeline.bench.timing import Source
+    from bench.timing import Source
 
     def run():
         i = 0
         while True:
-            _pil_decode([blobs[(i + k) % len(blobs)] for k in range(batch_size)])
+            pil_decode([blobs[(i + k) % len(blobs)] for k in range(batch_size)])
             i = (i + batch_size) % len(blobs)
             yield batch_size, True
 
@@ -95,7 +95,7 @@ def dali_decode_source(name: str, blobs: list[bytes], device: str, threads: int,
     `device` "cpu" (device_id None) or "mixed" (GPU 0, the hardware decoder where there is one).
     `hw_decoder_load` (mixed only): the share of each batch sent to the hardware decoder, the
     rest Huffman-decoded on the `threads` CPU threads; None keeps DALI's default."""
-    from pipeline.bench.timing import pipeline_source
+    from bench.timing import pipeline_source
 
     if hw_decoder_load is not None and (device != "mixed" or not 0.0 <= hw_decoder_load <= 1.0):
         raise ValueError(f"hw_decoder_load={hw_decoder_load!r}: a share in [0, 1], for device='mixed' only")
