@@ -8,7 +8,7 @@ cluster-up` fixes it) with Ray's `ray_` prefix, tagged by `rank` and `node`:
 | `ray_alexnet_train_images_per_s` | gauge | this rank's training images/s over the last logged window |
 | `ray_alexnet_train_data_wait` | gauge | share of the window's step time blocked waiting for the next batch |
 | `ray_alexnet_train_step_s` | gauge | mean step time of the window |
-| `ray_alexnet_loader_images_per_s` | gauge | images delivered per second waited for (an upper bound of what the loader sustains) |
+| `ray_alexnet_loader_images_per_s` | gauge | images delivered per second waited for (an upper bound) |
 | `ray_alexnet_loader_dali_cpu_util` | gauge | DALI pool threads' CPU time / (wall time x `dali_threads`) |
 | `ray_alexnet_loader_rss_mb` | gauge | the worker process's resident memory, MB |
 | `ray_alexnet_loader_device_mb` | gauge | device memory outside torch's allocator (DALI's pools), MB |

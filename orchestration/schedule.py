@@ -7,7 +7,8 @@ curve; with `lr_base_batch` the peak follows the global batch of the steps being
 
 `progress` is the epochs done before the step (epochs completed + samples trained in the
 current one / the split's size), `step_progress` the fraction of an epoch one step trains
-(warm-up ends on the step that completes `warmup_epochs`, as the per-step warm-up did). `plateau` (the paper's rule) stays an epoch-level ReduceLROnPlateau.
+(warm-up ends on the step that completes `warmup_epochs`, as the per-step warm-up did).
+`plateau` (the paper's rule) stays an epoch-level ReduceLROnPlateau.
 """
 from __future__ import annotations
 
