@@ -15,7 +15,7 @@ WORKERS ?=
 DEMO_SHORTER_SIDE ?= 128
 DEMO_SHARD_MB ?= 4
 
-.PHONY: setup shards train test lint bench cluster-up cluster-down gpu-check
+.PHONY: setup shards train test test-e2e lint bench cluster-up cluster-down gpu-check
 
 setup: $(STAMP)
 
@@ -44,8 +44,13 @@ train: setup
 	@$(if $(findstring ://,$(SHARDS_DIR)),true,test -f $(SHARDS_DIR)/stats.json) || $(MAKE) --no-print-directory shards
 	$(PY) orchestration/train.py --config $(CONFIG) $(if $(filter command line environment,$(origin SHARDS_DIR)),--set shards_dir=$(call location,$(SHARDS_DIR)))
 
+# Two tiers (docs: README "Tests"): `make test` is in-process and takes minutes; `make test-e2e`
+# runs the drills on real local Ray clusters (tests/e2e/). .ci/run runs both.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10 tests --ignore=tests/e2e
+
+test-e2e: setup
+	$(PY) -m pytest -q --durations=10 tests/e2e
 
 # `make bench` uses its own cached corpus; `make bench SHARDS_DIR=...` measures the user's shards.
 bench: setup
@@ -60,4 +65,4 @@ cluster-down: setup
 # On a lent GPU machine (CUDA torch, no DALI, no registry), so not `setup`: DALI comes from the
 # wheel parts carried there (docs/BENCHMARKS.md "GPU check"); writes JSON + log to $OUT.
 gpu-check:
-	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m orchestration.gpu_check --out $${OUT:-runs/gpu-check}
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m bench.gpu_check --out $${OUT:-runs/gpu-check}
