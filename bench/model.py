@@ -1,24 +1,24 @@
 """Forward+backward throughput of the model family on this machine.
 
-`python -m model.bench [--models alexnet,alexnet-bn] [--crops 224,112,64] [--batch 16]
+`python -m bench.model [--models alexnet,alexnet-bn] [--crops 224,112,64] [--batch 16]
 [--steps 2] [--rounds 3] [--json FILE]`
 
 Every configuration (model x crop x fp32/bf16 x channels_last off/on) is timed once per
 round, and rounds repeat the whole set, so load from other processes spreads over all
 configurations alike; the table reports the median over rounds and each rate relative to
-fp32 contiguous of the same model and crop.
+fp32 contiguous of the same model and crop. `step_seconds` is the benches' one forward+backward
+timer (the GPU check's model step times with it too).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,23 +36,32 @@ class BenchConfig:
     channels_last: bool
 
 
-def step_seconds(model: nn.Module, cfg: BenchConfig, batch: int, steps: int) -> float:
-    """Seconds per forward+backward step, after one untimed warm-up step."""
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    x = torch.randn(batch, 3, cfg.crop, cfg.crop).to(memory_format=fmt)
-    labels = torch.randint(0, 1000, (batch,))
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
+def step_seconds(model: nn.Module, batch: int, crop: int, steps: int, dtype: str = "fp32",
+                 channels_last: bool = False, device: str = "cpu", warmup: int = 1) -> float:
+    """Seconds per forward+backward step of `model` on random images, after `warmup` untimed
+    steps: the one forward+backward timer of the benches. `dtype` "bf16" autocasts to bfloat16
+    on `device`; on CUDA the device is synchronised before the clock is read."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, 1000, (batch,), device=device)
 
     def one() -> None:
         model.zero_grad(set_to_none=True)
-        with amp:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = F.cross_entropy(model(x), labels)
         loss.backward()
 
-    one()
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        one()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         one()
+    sync()
     return (time.perf_counter() - start) / steps
 
 
@@ -68,7 +77,8 @@ def run(models: list[str], crops: list[int], batch: int, steps: int, rounds: int
     rates: dict[BenchConfig, list[float]] = {c: [] for c in configs}
     for r in range(rounds):
         for cfg in configs:
-            rates[cfg].append(batch / step_seconds(built[cfg.model, cfg.channels_last], cfg, batch, steps))
+            net = built[cfg.model, cfg.channels_last]
+            rates[cfg].append(batch / step_seconds(net, batch, cfg.crop, steps, cfg.dtype, cfg.channels_last))
             print(f"  {cfg}: {rates[cfg][-1]:.1f} images/s", flush=True)
         print(f"round {r + 1}/{rounds} done", flush=True)
         if on_round is not None:
@@ -96,7 +106,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="alexnet,alexnet-bn")
     parser.add_argument("--crops", default="224,112,64")
     parser.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
