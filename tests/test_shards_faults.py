@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from shards.bench import measure_pack
+from bench.pack import measure_pack
 from shards.layouts import MANIFEST_FILE, PACK_DIR, REJECTS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""`python -m shards.bench`: the packer's rate against the PIL bound, and where its time goes.
+"""`python -m bench.pack`: the packer's rate against the PIL bound, and where its time goes.
 
 Bound = plain PIL on the same files: open, decode, convert to RGB, BILINEAR resize to the
 packer's target size, JPEG q90 encode, in `cores` processes on disjoint parts that wait at a
@@ -20,8 +20,9 @@ seconds per image the packer process spent writing (the single writer: tar, inde
 receiving results, and waiting for them, and how long the workers waited for work.
 
 Corpora (generated, deterministic, cached under --work):
-  photo  photo-like 500x375 JPEGs (1/f texture over several octaves, colour, hard edges;
-         q90, ~109 KB each, the commonest ImageNet shape and size), packed at shorter side 256
+  photo  photo-like 500x375 JPEGs (`bench.corpus.synth_image`: 1/f texture over several
+         octaves, colour, hard edges; q90, ~109 KB each, the commonest ImageNet shape and
+         size), packed at shorter side 256
   demo   the demo tree's images (sides 300-600), packed at shorter side 128 as `make shards`
 
 `measure_pack` (a packer run in a fresh process: wall, steady rate, CPU and peak RSS of the
@@ -42,9 +43,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from bench.corpus import CorpusSpec, write_tree
 from shards.demo import write_demo
 from shards.encode import encode, target_size
 from shards.writer import sample_blob
@@ -57,58 +58,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ corpora
-def _upsample(noise: np.ndarray, w: int, h: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(noise).resize((w, h), Image.BILINEAR))
-
-
-def photo(index: int, seed: int = 0, size: tuple[int, int] = PHOTO_SIZE) -> Image.Image:
-    """A photo-like image: 1/f luminance texture over six octaves, soft colour, hard edges
-    (the content a q90 JPEG of a photo costs to decode and weighs: ~100 KB at 500x375)."""
-    w, h = size
-    rng = np.random.default_rng([seed, index])
-    detail = float(np.exp(rng.normal(np.log(2.5), 0.4)))
-    lum = np.zeros((h, w), np.float32)
-    for cells, amp in ((3, 45), (12, 28), (48, 16), (192, 8 * detail), (384, 7 * detail), (768, 9 * detail)):
-        gw, gh = max(2, round(w * cells / 768)), max(2, round(h * cells / 768))
-        lum += amp * _upsample(rng.standard_normal((gh, gw), dtype=np.float32), w, h)
-    pixels = lum[..., None] + rng.uniform(70, 170, 3).astype(np.float32)
-    for c in range(3):
-        pixels[..., c] += (25 * _upsample(rng.standard_normal((4, 5), dtype=np.float32), w, h)
-                           + 8 * _upsample(rng.standard_normal((24, 32), dtype=np.float32), w, h))
-    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(2, 7))):
-        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
-        box = [x0, y0, x0 + int(rng.integers(w // 10, w // 2)), y0 + int(rng.integers(h // 10, h // 2))]
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape(box, outline=tuple(int(c) for c in rng.integers(0, 256, 3)), width=int(rng.integers(1, 6)))
-    return img
-
-
-def _write_photo(job: tuple[str, int]) -> None:
-    path, index = job
-    photo(index).save(path, "JPEG", quality=90)
-
-
-def write_photos(root: Path, images: int, classes: int = 10, workers: int | None = None) -> Path:
-    """An ImageNet-layout tree (`train/<wnid>/*.JPEG`) of `images` photo-like JPEGs."""
-    jobs = []
-    for i in range(images):
-        wnid = f"n{90000000 + i % classes:08d}"
-        (root / "train" / wnid).mkdir(parents=True, exist_ok=True)
-        jobs.append((str(root / "train" / wnid / f"{wnid}_{i}.JPEG"), i))
-    with mp.get_context("spawn").Pool(workers or os.cpu_count() or 1) as pool:
-        pool.map(_write_photo, jobs, chunksize=16)
-    (root / "LOC_synset_mapping.txt").write_text("".join(f"n{90000000 + k:08d} class {k}\n" for k in range(classes)))
-    return root
-
-
 def corpus(work: Path, name: str, images: int) -> Path:
     root = work / f"{name}-{images}"
     if not (root / "LOC_synset_mapping.txt").is_file():
         shutil.rmtree(root, ignore_errors=True)
         if name == "photo":
-            write_photos(root, images)
+            write_tree(CorpusSpec(images=images, classes=10), root, size=PHOTO_SIZE)
         else:
             write_demo(root, classes=10, train_per_class=max(1, images // 10), val_per_class=0, seed=1,
                        min_side=300, max_side=600)
@@ -287,7 +242,7 @@ def run(work: Path, images: int, cores: int, rounds: int, corpora: list[str], pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m shards.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.pack", description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("runs/bench-shards"), help="corpora and outputs")
     p.add_argument("--images", type=int, default=800, help="images per corpus")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="packer workers (bound x this)")
