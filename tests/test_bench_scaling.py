@@ -1,4 +1,4 @@
-"""`python -m orchestration.scaling`: the quick mode end to end (2 real gloo processes on
+"""`python -m bench.scaling`: the quick mode end to end (2 real gloo processes on
 loopback, real JPEG decoding, the model, the JSON/PNG/Markdown outputs), and the model's
 arithmetic on its own."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration import scaling
+from bench import scaling
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def quick_run(tmp_path_factory) -> tuple[dict, Path, float]:
     out = tmp_path_factory.mktemp("scaling")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "orchestration.scaling", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench.scaling", "--quick", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
