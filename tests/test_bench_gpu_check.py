@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.gpu_check import SMOKE, STEPS
+from bench.gpu_check import SMOKE, STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TEST_FILES = ["tests/test_pipeline_gpu.py", "tests/test_pipeline_dali.py", "tests/test_orchestration_hot_path.py"]
@@ -42,7 +42,7 @@ sys.meta_path.insert(0, Lent())
 
 
 def run_check(out: Path, *args: str, env: dict | None = None, timeout: float = 150) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestration.gpu_check", "--out", str(out), *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(out), *args], cwd=ROOT,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
@@ -171,3 +171,15 @@ def test_gpu_tests_collect_on_the_lent_machine_with_the_extras(tmp_path):
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
     collected = re.search(r"(\d+)/\d+ tests collected", ok.stdout) or re.search(r"(\d+) tests? collected", ok.stdout)
     assert collected and int(collected.group(1)) >= 10, ok.stdout[-1500:]
+
+
+def test_the_check_and_its_wheel_tools_load_on_a_bare_machine(tmp_path):
+    """bench/gpu_check.py and tools/gpu_wheels.py run before anything is installed: their
+    module tops import nothing beyond the standard library (torch is there, but not needed)."""
+    block = ["ray", "moto", "webdataset", "tqdm", "braceexpand", "nvidia", "numpy", "PIL", "pyarrow", "torch",
+             "matplotlib", "yaml", "pipeline", "shards", "model", "orchestration"]
+    env = {**os.environ, **lent_machine_env(tmp_path, block)}
+    proc = subprocess.run([sys.executable, "-c", "import bench.gpu_check, tools.gpu_wheels; "
+                           "bench.gpu_check.parse_args(['--smoke'])"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
