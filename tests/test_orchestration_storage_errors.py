@@ -1,0 +1,59 @@
+"""The errors a user hits first with shards and runs on an object store (missing bucket,
+unreachable endpoint, access denied, no shards) are one line, before Ray starts: real S3
+servers (moto, tests/helpers/s3_server.py), no Ray. (A run on S3: tests/e2e/test_s3_run.py.)"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestration import train
+
+
+def tiny_config(tmp_path: Path, storage_path: str, shards: str) -> Path:
+    cfg = {"name": "tiny", "storage_path": storage_path, "shards_dir": str(shards), "model": "alexnet-tiny",
+           "epochs": 2, "batch_size": 32, "workers": 2, "use_gpu": False, "crop_size": 64}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if train.main gets as far as starting Ray."""
+    def refuse():
+        raise AssertionError("train.main started Ray")
+
+    monkeypatch.setattr(train, "start_ray", refuse)
+
+
+def one_line_error(config: Path) -> str:
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--config", str(config)])
+    message = str(exc.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_storage_and_shards_errors_are_one_line_before_ray_starts(s3_server, s3_bucket, demo_shards, tmp_path,
+                                                                    monkeypatch, no_ray):
+    from helpers.s3_server import S3Server
+
+    missing = one_line_error(tiny_config(tmp_path, "s3://no-such-bucket-here/runs", demo_shards))
+    assert "s3://no-such-bucket-here/runs" in missing and "does not exist" in missing
+
+    empty = one_line_error(tiny_config(tmp_path, f"{s3_bucket}/runs", f"{s3_bucket}/shards"))
+    assert f"{s3_bucket}/shards" in empty and "no train/*.tar" in empty
+
+    strict = S3Server(auth=True).start()  # checks credentials and policies: ours are nobody's
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", strict.endpoint)
+        denied = one_line_error(tiny_config(tmp_path, f"{s3_bucket}/runs", demo_shards))
+    finally:
+        strict.stop()
+    assert f"{s3_bucket}/runs" in denied and ("access denied" in denied or "credentials" in denied)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on port 9
+    unreachable = one_line_error(tiny_config(tmp_path, f"{s3_bucket}/runs", demo_shards))
+    assert "cannot reach the storage endpoint" in unreachable and "http://127.0.0.1:9" in unreachable
