@@ -9,21 +9,99 @@ basename is empty or ends with '/' (hidden files) are skipped.
 `wds2idx` takes offsets from GNU tar's `--block-num` (header block + 1). That equals
 `TarInfo.offset_data` for ustar and PAX members; for GNU-format long names (`././@LongLink`)
 `wds2idx` points at the long-name block, which is wrong, and we write the true data offset.
+
+The one reader of the format is here too (`read_index`, `parse_index`): every other module
+takes its `IndexEntry`s rather than splitting index lines itself.
 """
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 INDEX_VERSION = "v1.2"
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's own split of a member name
 
 
 def split_member_name(name: str) -> tuple[str, str]:
     """(basename, ext) exactly as `wds2idx.IndexCreator.split_name` splits them."""
     dot = name.find(".", name.rfind("/") + 1)
     return name[:dot], name[dot + 1 :]
+
+
+def sample_key(member_name: str) -> str:
+    """The WebDataset sample key of a tar member (`a/b.jpg` -> `a/b`), as webdataset splits it."""
+    m = _KEY_RE.match(member_name)
+    return m.group(1) if m else member_name
+
+
+class Member(NamedTuple):
+    ext: str
+    offset: int  # of the member's data in the tar
+    size: int
+    name: str
+
+
+class IndexEntry(NamedTuple):
+    """One sample of an index: its line, split into fields only when asked (an ImageNet
+    split's indexes hold a million lines, read at every loader's start)."""
+
+    line: str
+
+    @property
+    def key(self) -> str:
+        fields = self.line.split(" ", 4)
+        return sample_key(fields[3]) if len(fields) > 3 else ""
+
+    @property
+    def exts(self) -> list[str]:
+        return self.line.split(" ")[0::4]
+
+    @property
+    def members(self) -> list[Member]:
+        f = self.line.split(" ")
+        return [Member(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f) - 3, 4)]
+
+    def member(self, exts: tuple[str, ...]) -> Member | None:
+        """The member with the first of `exts` this sample has (None: none of them)."""
+        by_ext = {m.ext: m for m in self.members}
+        return next((by_ext[e] for e in exts if e in by_ext), None)
+
+    @property
+    def end(self) -> int:
+        """The byte just past this sample's last member data."""
+        return max(m.offset + m.size for m in self.members)
+
+
+def parse_index(text: str, where: str, first: int = 0, end: int | None = None) -> list[IndexEntry]:
+    """Samples [first, end) of the index `text` (from `where`, named in errors), after checking
+    its header: the version, and a count that matches its lines."""
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        # v1.2 is the only version that carries member names, which the sample keys need
+        raise ValueError(f"{where}: not a DALI {INDEX_VERSION} webdataset index; delete it to have it rebuilt")
+    count = int(head[1])
+    if count != len(lines) - 1 or count == 0:
+        raise ValueError(f"{where}: header says {count} samples but it lists {len(lines) - 1}; "
+                         "delete it to have it rebuilt")
+    return [IndexEntry(line) for line in lines[1 + first: None if end is None else 1 + end]]
+
+
+def read_index(path: str | os.PathLike, first: int = 0, end: int | None = None) -> list[IndexEntry]:
+    """Samples [first, end) of the `.idx` file at `path`; see `parse_index`."""
+    return parse_index(Path(path).read_text(), str(path), first, end)
+
+
+def write_entries(path: str | os.PathLike, entries: list[IndexEntry]) -> Path:
+    """An index file listing exactly `entries` (DALI's reader then reads only those samples)."""
+    if not entries:
+        raise ValueError(f"{path}: an index needs at least one sample")
+    Path(path).write_text(f"{INDEX_VERSION} {len(entries)}\n" + "\n".join(e.line for e in entries) + "\n")
+    return Path(path)
 
 
 class IndexBuilder:

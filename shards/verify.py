@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from shards.index import index_bytes
+from shards.index import index_bytes, parse_index
 from shards.layouts import IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SHARDS_FILE, SPLITS, TAR_SUFFIX
 from shards.location import Location, check_reachable, resolve
 from shards.upload import read_hashed
@@ -107,10 +107,9 @@ def _check_local(tar: Path, where: str, expected: dict[str, tuple], listed: tupl
         problems.append(f"{where}: index {idx.name} does not match the tar (rebuild: wds2idx {tar} {idx})")
     keys: list[str] = []
     with open(tar, "rb") as f:
-        for line in rebuilt.decode().splitlines()[1:]:
-            parts = line.split(" ")
-            members = {parts[i]: (int(parts[i + 1]), int(parts[i + 2]), parts[i + 3]) for i in range(0, len(parts), 4)}
-            key = parts[3].rsplit("/", 1)[-1].split(".", 1)[0]
+        for entry in parse_index(rebuilt.decode(), str(tar)):
+            members = {m.ext: m for m in entry.members}
+            key = entry.key.rsplit("/", 1)[-1]
             keys.append(key)
             row = expected.get(key)
             if row is None:
@@ -122,9 +121,8 @@ def _check_local(tar: Path, where: str, expected: dict[str, tuple], listed: tupl
                 continue
             blobs = {}
             for ext in (IMAGE_EXT, LABEL_EXT):
-                offset, size, _ = members[ext]
-                f.seek(offset)
-                blobs[ext] = f.read(size)
+                f.seek(members[ext].offset)
+                blobs[ext] = f.read(members[ext].size)
             if blobs[LABEL_EXT].strip() != str(label).encode():
                 problems.append(f"{where} key {key}: label {blobs[LABEL_EXT]!r} != manifest {label}")
             if len(blobs[IMAGE_EXT]) != nbytes:
