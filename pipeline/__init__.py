@@ -3,6 +3,6 @@
 `make_loader` is the stage's API (DESIGN.md "Pipeline API"); `backend="torch"` gives the
 webdataset + PIL baseline that benchmarks compare against.
 """
-from pipeline.loader import make_loader
+from pipeline.factory import make_loader
 
 __all__ = ["make_loader"]

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.shardset import IMAGE_EXTS
+from shards.index import read_index
 
 log = logging.getLogger(__name__)
 
-ON_CORRUPT = ("error", "skip")
 _BATCH = 64
 
 
@@ -41,15 +41,10 @@ class CorruptSample(ValueError):
 
 def index_samples(idx: Path, tar: str, first: int = 0, end: int | None = None) -> list[SampleRef]:
     """The samples [first, end) of one index, with their image member's byte range."""
-    from pipeline.shardset import member_key
-
     out = []
-    for line in idx.read_text().splitlines()[1 + first: None if end is None else 1 + end]:
-        parts = line.split(" ")
-        members = {parts[i]: (int(parts[i + 1]), int(parts[i + 2]), parts[i + 3]) for i in range(0, len(parts) - 3, 4)}
-        ext = next(e for e in IMAGE_EXTS if e in members)
-        offset, size, name = members[ext]
-        out.append(SampleRef(tar, offset, size, member_key(name)))
+    for entry in read_index(idx, first, end):
+        image = entry.member(IMAGE_EXTS)
+        out.append(SampleRef(tar, image.offset, image.size, entry.key))
     return out
 
 

@@ -5,7 +5,7 @@ hardware decoder where there is one) and augments on the GPU; `device="cpu"` is 
 graph with CPU operators (build it with `device_id=None`). Every pipeline returns
 `(images, raw_labels, raw_keys)`: images float CHW normalised; the `.cls` bytes and the
 reader's `source_info` bytes, zero-padded per batch, parsed in one vectorised step per
-batch by `pipeline.loader` (no python_function on the hot path).
+batch by `pipeline.loaders` (no python_function on the hot path).
 
 On the GPU the `mixed` decoder splits each batch's JPEGs between the hardware JPEG decoder
 and nvJPEG's CUDA path (Huffman decoding on DALI's CPU threads): `hw_decoder_load` is the
@@ -27,7 +27,7 @@ per-sample `mean` of `crop_mirror_normalize`, since (x + offset - mean) = (x - (
 The graphs are chains of public steps, called inside a `@pipeline_def` on DALI nodes:
 `read_samples` -> `decode_rrc` (= `decode_rrc_window` + resize) or `decode_paper` (train),
 `decode_centre` (val, ten-crop) -> `crop_mirror_normalize`. The per-stage profile
-(`pipeline.bench.profile`) cuts the train graph after each of these same steps, so it times
+(`bench.loader.profile`) cuts the train graph after each of these same steps, so it times
 what the loader runs.
 """
 from __future__ import annotations

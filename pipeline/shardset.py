@@ -1,32 +1,32 @@
-"""One split of a shard set, checked up front: its tars, their DALI indexes, sample counts.
+"""Opening one split of a shard set, local or remote, in one place: `open_split` returns a
+`ShardSplit` that holds everything a loader reads about the set (tars, indexes, counts,
+sizes, stats, the stored image side), checked up front.
 
-Both backends read a split through `open_split`, so they see the same tars in the same
-order and split them across ranks the same way. Shards written by other WebDataset tools
-may come without `.idx` files: the index is then built once into a cache directory keyed
-by the tar's absolute path, size and mtime (never into the user's shard directory).
+Both backends read a split through it, so they see the same tars in the same order and
+split them across ranks the same way. A remote set is staged through a node-local
+`ShardCache` (`pipeline.staging`), or streamed by DALI (`cache_dir="none"`). Shards written
+by other WebDataset tools may come without `.idx` files: the index is then built once into
+a cache directory keyed by the tar's absolute path, size and mtime (never into the user's
+shard directory).
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.staging import ShardCache
-from shards.index import write_index
-from shards.layouts import (
-    IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SHARDS_FILE, SPLITS, TAR_SUFFIX, split_tars,
-)
+from pipeline.staging import ShardCache, file_sha256
+from pipeline.stats import IMAGENET_STATS, Stats, read_stats
+from shards.index import IndexEntry, read_index, write_index
+from shards.layouts import IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SHARDS_FILE, SPLITS, TAR_SUFFIX, split_tars
 from shards.location import check_reachable, is_remote, resolve
 
 # Image member extensions read (ours is `jpg`; other WebDataset writers also use these).
 IMAGE_EXTS = (IMAGE_EXT, "jpeg", "png")
 DEFAULT_INDEX_CACHE = Path.home() / ".cache" / "alexnet-dali" / "idx"
 VERIFIED_DIR = Path.home() / ".cache" / "alexnet-dali" / "verified"  # stamps of tars whose sha256 matched
-
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,17 @@ class ShardSplit:
     counts: tuple[int, ...]
     uri: str = ""
     cache: ShardCache | None = field(default=None, compare=False, repr=False)
+    sizes: tuple[int, ...] = ()  # bytes of each tar
+    stats: Stats = field(default=IMAGENET_STATS, compare=False)  # stats.json (ImageNet's without one)
+    stored_side: int | None = None  # median shorter side of the stored images (None: no manifest)
 
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
+
+    def entries(self, tar_id: int, first: int = 0, end: int | None = None) -> list[IndexEntry]:
+        """Samples [first, end) of tar `tar_id`, from its index."""
+        return read_index(self.indexes[tar_id], first, end)
 
     @property
     def remote(self) -> bool:
@@ -83,17 +90,10 @@ class ShardSplit:
         if then:
             self.cache.prefetch([f"{self.split}/{Path(self.tars[i]).name}" for i in then])
 
-
-def member_key(member_name: str) -> str:
-    """The WebDataset sample key of a tar member (`a/b.jpg` -> `a/b`), as webdataset splits it."""
-    m = _KEY_RE.match(member_name)
-    return m.group(1) if m else member_name
-
-
-def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, end) of the samples rank `rank` reads, exactly as DALI's readers split them
-    (`shard_id * N // num_shards`): parts differ in size by at most one sample."""
-    return rank * num_samples // world_size, (rank + 1) * num_samples // world_size
+    def check_space(self, tar_ids: list[int], what: str) -> None:
+        """Staged remote sets: one line now if the cache disk cannot hold these tars at once."""
+        if self.cache is not None and not isinstance(self.tars[0], str):
+            self.cache.check_space([f"{self.split}/{Path(self.tars[i]).name}" for i in tar_ids], what)
 
 
 def open_split(
@@ -125,15 +125,17 @@ def open_split(
             f"(or `python -m shards build --splits {split}`)"
         )
     cache = Path(index_cache_dir) if index_cache_dir is not None else DEFAULT_INDEX_CACHE
-    indexes, counts = [], []
+    indexes, counts, sizes = [], [], []
     for tar in tars:
         idx = tar.with_suffix(IDX_SUFFIX)
         if not idx.is_file():
             idx = _cached_index(tar, cache)
         _check_tar_header(tar)
-        counts.append(_check_index(str(tar), idx, tar.stat().st_size))
+        sizes.append(tar.stat().st_size)
+        counts.append(_check_index(str(tar), idx, sizes[-1]))
         indexes.append(idx)
-    return ShardSplit(root, split, tuple(tars), tuple(indexes), tuple(counts), uri=str(root))
+    return ShardSplit(root, split, tuple(tars), tuple(indexes), tuple(counts), uri=str(root), sizes=tuple(sizes),
+                      stats=read_stats(root), stored_side=stored_side(root, split))
 
 
 def _open_remote(uri: str, split: str, index_cache_dir, cache_dir, cache_max_gb: float) -> ShardSplit:
@@ -145,11 +147,12 @@ def _open_remote(uri: str, split: str, index_cache_dir, cache_dir, cache_max_gb:
     if not listing:
         other = [s for s in SPLITS if (loc / s).list()]
         raise FileNotFoundError(
-            f"{loc / split}: no .tar shards for split {split!r} (the prefix holds {', '.join(other) or 'no split folders'}); "
+            f"{loc / split}: no .tar shards for split {split!r} (the prefix holds "
+            f"{', '.join(other) or 'no split folders'}); "
             f"pack with `python -m shards build --out {loc}` or pass the prefix that holds train/ and val/"
         )
     index_cache = Path(index_cache_dir) if index_cache_dir is not None else DEFAULT_INDEX_CACHE
-    tars, indexes, counts = [], [], []
+    tars, indexes, counts, sizes = [], [], [], []
     for name, size in listing:
         rel = f"{split}/{name}"
         idx = cache.local(rel[: -len(TAR_SUFFIX)] + IDX_SUFFIX)
@@ -158,8 +161,10 @@ def _open_remote(uri: str, split: str, index_cache_dir, cache_dir, cache_max_gb:
             idx = _cached_index(local_tar, index_cache)
         counts.append(_check_index(str(loc / rel), idx, size))
         indexes.append(idx)
+        sizes.append(size)
         tars.append(str(loc / rel) if stream else cache.local(rel))
-    return ShardSplit(cache.dir, split, tuple(tars), tuple(indexes), tuple(counts), uri=loc.uri, cache=cache)
+    return ShardSplit(cache.dir, split, tuple(tars), tuple(indexes), tuple(counts), uri=loc.uri, cache=cache,
+                      sizes=tuple(sizes), stats=read_stats(cache.dir), stored_side=stored_side(cache.dir, split))
 
 
 def stored_side(shards_dir: str | os.PathLike, split: str) -> int | None:
@@ -196,8 +201,6 @@ def _recorded_hashes(root: Path) -> dict[tuple[str, str], str]:
 def _hash_ok(tar: Path, want: str) -> bool:
     """Whether `tar` hashes to `want`; a good result is stamped (path, size, mtime) so the
     next pass and the next process on this node skip the read."""
-    from pipeline.staging import file_sha256
-
     st = tar.stat()
     stamp = VERIFIED_DIR / hashlib.sha256(f"{tar}\0{st.st_size}\0{st.st_mtime_ns}\0{want}".encode()).hexdigest()[:32]
     if stamp.is_file():
@@ -230,44 +233,18 @@ def _check_tar_header(tar: Path) -> None:
 def _check_index(tar: str, idx: Path, size: int) -> int:
     """Sample count of `tar` (`size` bytes) from its index, after cheap consistency checks (a
     header that parses, a line per sample, no member past the end of the tar)."""
-    lines = idx.read_text().splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
-        # v1.2 is the only version that carries member names, which the sample keys need
-        raise ValueError(f"{idx}: not a DALI v1.2 webdataset index; delete it to have it rebuilt")
-    count = int(head[1])
-    if count != len(lines) - 1 or count == 0:
-        raise ValueError(
-            f"{idx}: header says {count} samples but it lists {len(lines) - 1}; delete it to have it rebuilt"
-        )
-    for line in lines[1:]:
-        exts = line.split(" ")[0::4]
+    entries = read_index(idx)
+    for entry in entries:
+        exts = entry.exts
         if LABEL_EXT not in exts or not any(e in exts for e in IMAGE_EXTS):
             raise ValueError(
-                f"{tar}: sample {line.split(' ')[3]!r} lacks an image ({'/'.join(IMAGE_EXTS)}) or a "
+                f"{tar}: sample {entry.members[0].name!r} lacks an image ({'/'.join(IMAGE_EXTS)}) or a "
                 f".{LABEL_EXT} label member; every sample needs both: re-pack or remove the shard"
             )
-    last = lines[-1].split()
-    end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last) - 3, 4))
+    end = entries[-1].end
     if end > size:
         raise ValueError(
             f"{tar}: corrupt or truncated shard (its index {idx.name} reaches byte {end}, the tar has "
             f"{size}); re-pack it"
         )
-    return count
-
-
-def write_part_index(idx: Path, first: int, end: int, out: Path, skip: set[str] | None = None,
-                     drop_rows: set[int] | None = None) -> Path | None:
-    """An index listing only samples [first, end) of `idx`, less the keys in `skip` and the
-    rows (of the whole index) in `drop_rows`: DALI's reader then reads exactly those (how a
-    rank's reader is restricted to its part of the epoch). None when nothing is left."""
-    lines = idx.read_text().splitlines()[1 + first: 1 + end]
-    if drop_rows:
-        lines = [ln for j, ln in enumerate(lines, start=first) if j not in drop_rows]
-    if skip:
-        lines = [ln for ln in lines if member_key(ln.split(" ")[3]) not in skip]
-    if not lines:
-        return None
-    out.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
-    return out
+    return len(entries)

@@ -3,7 +3,7 @@
 What a user would otherwise pick, kept as the yardstick of every speed claim and as a
 fallback where DALI cannot be installed. Same chains as the DALI graphs
 (`pipeline.torch_transforms`), same rank split, batch counts and exact-once val
-(`pipeline.spec`): each rank's batches are dealt to the DataLoader workers in contiguous
+(`pipeline.spec`, `pipeline.loaders.EpochLoader`): each rank's batches are dealt to the DataLoader workers in contiguous
 runs, every worker reads only the tars its run touches and builds whole batches itself
 (`batch_size=None` in the DataLoader), so the counts are exact whatever the worker count.
 """
@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import torch_transforms as T
 from pipeline.corrupt import CorruptSample
+from pipeline.loaders import EpochLoader
 from pipeline.shardset import IMAGE_EXTS, LABEL_EXT
-from pipeline.spec import EpochLoader, LoaderSpec
+from pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from pipeline.builder import build_pipeline
 from pipeline.spec import LoaderSpec
 
 log = logging.getLogger(__name__)
@@ -58,10 +61,12 @@ def thread_candidates(cap: int) -> list[int]:
     return sorted(out, reverse=True)
 
 
-def tune(spec: LoaderSpec, part_dir: Path, budget_s: float | None = None) -> tuple[LoaderSpec, dict | None]:
+def tune(spec: LoaderSpec, budget_s: float | None = None,
+         clock: Callable[[], float] = time.perf_counter) -> tuple[LoaderSpec, dict | None]:
     """The spec with its "auto" settings chosen, and the report (probes, choice, seconds),
     or None where nothing could be probed (an empty part, or tars not yet checked for corrupt
-    images: probing one could crash the process). Logged in one line."""
+    images: probing one could crash the process). Logged in one line. `clock`: the time the
+    budget is counted in (seconds, monotonic)."""
     todo = set(spec.auto)
     chosen = replace(spec, auto=())
     parts = [i for i, _, _ in spec.part_files(spec.epoch)]
@@ -73,8 +78,13 @@ def tune(spec: LoaderSpec, part_dir: Path, budget_s: float | None = None) -> tup
                     chosen.hw_decoder_load)
         return chosen, None
     spec.stage(spec.epoch)
-    budget_s = BUDGET_S if budget_s is None else budget_s
-    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="alexnet-tune-") as part_dir:  # the probes' part indexes
+        return _tune(spec, chosen, todo, Path(part_dir), BUDGET_S if budget_s is None else budget_s, clock)
+
+
+def _tune(spec: LoaderSpec, chosen: LoaderSpec, todo: set[str], part_dir: Path, budget_s: float,
+          clock: Callable[[], float]) -> tuple[LoaderSpec, dict]:
+    start = clock()
     deadline = start + budget_s
     probes: list[Probe] = []
 
@@ -84,10 +94,10 @@ def tune(spec: LoaderSpec, part_dir: Path, budget_s: float | None = None) -> tup
     timed_s = 0.6 * budget_s / max(1, expected)  # each probe's timed share; the rest builds and warms up
 
     def measure(threads: int, load: float | None) -> None:
-        if probes and time.perf_counter() >= deadline:
+        if probes and clock() >= deadline:
             return
         probes.append(_probe(replace(chosen, num_threads=threads, hw_decoder_load=load), part_dir,
-                             timed_s, deadline))
+                             timed_s, deadline, clock))
 
     load = spec.hw_decoder_load
     if "hw_decoder_load" in todo:
@@ -104,33 +114,31 @@ def tune(spec: LoaderSpec, part_dir: Path, budget_s: float | None = None) -> tup
     best = next(p for p in probes if p.num_threads == threads and p.hw_decoder_load == load)
     report = {"tuned": sorted(todo), "chosen": {"num_threads": threads, "hw_decoder_load": load,
                                                 "images_per_s": round(best.images_per_s, 1)},
-              "probes": [asdict(p) for p in probes], "seconds": round(time.perf_counter() - start, 2),
+              "probes": [asdict(p) for p in probes], "seconds": round(clock() - start, 2),
               "budget_s": budget_s}
     log.info("rank %d: DALI %s", spec.rank, describe(report))
     return replace(chosen, num_threads=threads, hw_decoder_load=load), report
 
 
-def _probe(spec: LoaderSpec, part_dir: Path, timed_s: float, deadline: float) -> Probe:
+def _probe(spec: LoaderSpec, part_dir: Path, timed_s: float, deadline: float, clock: Callable[[], float]) -> Probe:
     """Images/s of `spec`'s pipeline for its first epoch, after a warm-up: at least
     TIMED_BATCHES batches and `timed_s` seconds, less where `deadline` comes first (one batch
     at least) or the part runs out."""
-    from pipeline.loader import build_pipeline
-
     pipe = build_pipeline(spec, spec.epoch, part_dir)
     timed, t0 = 0, None
     try:
         for _ in range(WARMUP_BATCHES):
             pipe.run()
-        t0 = time.perf_counter()
+        t0 = clock()
         while True:
             pipe.run()
             timed += 1
-            now = time.perf_counter()
+            now = clock()
             if now >= deadline or (timed >= TIMED_BATCHES and now - t0 >= timed_s) or timed >= MAX_BATCHES:
                 break
     except StopIteration:  # a part shorter than the probe: what was timed counts
         pass
-    elapsed = time.perf_counter() - t0 if t0 is not None and timed else 0.0
+    elapsed = clock() - t0 if t0 is not None and timed else 0.0
     del pipe
     rate = timed * spec.batch_size / elapsed if elapsed > 0 else 0.0
     return Probe(spec.num_threads, spec.hw_decoder_load, rate, timed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,10 +25,11 @@ _TASKS = Path("/proc/self/task")
 class DaliThreads:
     """CPU use of this process's DALI pool threads, as a share of `num_threads` cores."""
 
-    def __init__(self, num_threads: int) -> None:
+    def __init__(self, num_threads: int, clock: Callable[[], float] = time.perf_counter) -> None:
         self.num_threads = max(1, int(num_threads))
         self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._last_wall, self._last = time.perf_counter(), self._cpu_by_thread()
+        self._clock = clock  # wall seconds
+        self._last_wall, self._last = clock(), self._cpu_by_thread()
 
     def _cpu_by_thread(self) -> dict[str, float] | None:
         if not _TASKS.is_dir():
@@ -44,7 +46,7 @@ class DaliThreads:
 
     def utilisation(self) -> float | None:
         """The pool's CPU seconds since the last call over wall seconds x num_threads."""
-        now, cpu = time.perf_counter(), self._cpu_by_thread()
+        now, cpu = self._clock(), self._cpu_by_thread()
         if cpu is None or self._last is None:
             return None
         used = sum(t - self._last.get(tid, 0.0) for tid, t in cpu.items())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import make_loader
-from pipeline.loader import parse_labels
+from pipeline.loaders import parse_labels
 from helpers.shard_writers import write_colour_shards
 
 

@@ -2,14 +2,16 @@
 loader's usage figures (pipeline.usage), on real shards and real DALI CPU pipelines."""
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from pipeline import make_loader
-from pipeline.loader import build_pipeline
+from pipeline.builder import build_pipeline
 from pipeline.tuning import thread_candidates, thread_cap, tune
 from pipeline.usage import DaliThreads, memory_mb
 
@@ -38,7 +40,8 @@ def test_auto_threads_probes_each_candidate_picks_one_and_logs(demo_shards, capl
     chosen = report["chosen"]
     assert tuned.spec.num_threads == chosen["num_threads"] in probed and tuned.spec.hw_decoder_load is None
     fastest = max(p["images_per_s"] for p in report["probes"])
-    assert next(p for p in report["probes"] if p["num_threads"] == chosen["num_threads"])["images_per_s"] >= 0.97 * fastest
+    picked = next(p for p in report["probes"] if p["num_threads"] == chosen["num_threads"])
+    assert picked["images_per_s"] >= 0.97 * fastest
     assert tuned.spec.auto == ()
     line = next(r.getMessage() for r in caplog.records if "auto-tuned" in r.getMessage())
     assert f"num_threads {chosen['num_threads']}" in line and "images/s" in line
@@ -48,14 +51,23 @@ def test_auto_threads_probes_each_candidate_picks_one_and_logs(demo_shards, capl
 
 
 def test_the_budget_bounds_the_probe(demo_shards) -> None:
-    spec = loader(demo_shards, num_threads=1).spec
-    from dataclasses import replace
-
-    start = time.perf_counter()
-    chosen, report = tune(replace(spec, auto=("num_threads",)), demo_shards, budget_s=0.0)
+    spec = replace(loader(demo_shards, num_threads=1).spec, auto=("num_threads",))
+    chosen, report = tune(spec, budget_s=0.0)
     assert len(report["probes"]) == 1  # past the deadline: one probe, one timed batch, then the choice
     assert report["probes"][0]["batches"] == 1 and chosen.num_threads == report["probes"][0]["num_threads"]
-    assert report["seconds"] <= time.perf_counter() - start
+
+
+def test_the_budget_is_counted_on_the_clock_it_is_given(demo_shards, monkeypatch) -> None:
+    # a clock that moves 1 s per reading: the count of probes follows from the budget alone
+    monkeypatch.setattr("pipeline.tuning.thread_cap", lambda device: 8)  # candidates 8, 4, 2, 1
+    ticks = itertools.count()
+    spec = replace(loader(demo_shards, num_threads=1).spec, auto=("num_threads",))
+    _, report = tune(spec, budget_s=10.0, clock=lambda: float(next(ticks)))
+    # start 0, deadline 10, each probe's timed share 0.6 * 10 / 4 = 1.5. Probe 8: t0 1, batches
+    # end at 2..5 (4 batches and 4 s >= 1.5 s), end 6. Probe 4: starts at 7 < 10, t0 8, batches
+    # end at 9, 10 (the deadline), end 11. Threads 2 and 1: 12, 13 >= 10, not probed.
+    assert [(p["num_threads"], p["batches"]) for p in report["probes"]] == [(8, 4), (4, 2)]
+    assert report["seconds"] == 14.0
 
 
 def test_an_empty_val_part_is_not_probed(demo_shards) -> None:
@@ -83,21 +95,26 @@ def test_bad_settings_one_line(demo_shards, kw, match) -> None:
 
 def test_dali_thread_utilisation_reads_the_pool(demo_shards) -> None:
     spec = loader(demo_shards, num_threads=2).spec
-    clock = DaliThreads(spec.num_threads)
-    time.sleep(0.2)
+    window = itertools.count()  # each utilisation() window lasts one "second": it returns pool CPU s / threads
+    clock = DaliThreads(spec.num_threads, clock=lambda: float(next(window)))
     assert clock.utilisation() == 0.0  # no pipeline: no DALI pool threads
     pipe = build_pipeline(spec, 0)
+    cpu = time.process_time()
     clock.utilisation()
-    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(len(loader(demo_shards, num_threads=2)) - 1):
         pipe.run()
-    busy = clock.utilisation()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    pool_cpu = busy * wall * spec.num_threads
-    assert 0 < pool_cpu <= cpu + 0.02  # the pool decoded, and is a part of this process's CPU time
-    time.sleep(1.0)
-    assert clock.utilisation() < 0.02  # idle: its threads parked (a clock tick is 10 ms)
+    pool_cpu = clock.utilisation() * spec.num_threads
+    cpu = time.process_time() - cpu  # encloses the pool's window
+    assert 0 < pool_cpu <= cpu  # the pool decoded, and is a part of this process's CPU time
     del pipe
+
+
+def test_dali_thread_utilisation_is_cpu_over_wall_and_threads(monkeypatch) -> None:
+    cpu = iter([{"1": 1.0}, {"1": 2.5, "2": 0.5}])  # pool threads' CPU seconds at two readings
+    monkeypatch.setattr(DaliThreads, "_cpu_by_thread", lambda self: next(cpu))
+    wall = iter([10.0, 12.0])
+    clock = DaliThreads(2, clock=lambda: next(wall))
+    assert clock.utilisation() == (1.5 + 0.5) / (2.0 * 2)  # a thread born in the window counts from 0
 
 
 def test_memory_figures() -> None:

@@ -1,4 +1,6 @@
-"""`make_loader`, the one entry point of the pipeline stage, and the DALI loader behind it.
+"""The loader classes: `EpochLoader`, what both backends share (length, epochs, documented
+properties, resumable state), and `DaliLoader`, the product's; the baseline's `TorchLoader`
+is in `pipeline.torch_baseline`. `make_loader` (`pipeline.factory`) builds them.
 
     loader = make_loader(shards_dir, split="train", batch_size=256, rank=r, world_size=w,
                          device="cuda", backend="dali", crop_size=224, seed=0)
@@ -6,7 +8,7 @@
         loader.set_epoch(epoch)          # optional: passes count on by themselves
         for images, labels in loader: ...
 
-Each pass over the loader is one epoch and builds a fresh DALI pipeline for it (a few ms
+Each pass over a DALI loader is one epoch and builds a fresh DALI pipeline for it (a few ms
 after the first one in a process), seeded by (seed, epoch, rank): epochs reshuffle,
 a resumed run reproduces the epochs it re-reads, and leaving a pass early (a `break`)
 leaves nothing behind for the next one. Its reader gets exactly the rank's part of the
@@ -16,65 +18,138 @@ needs that part staged on the node (`pipeline.staging`).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.builder import build_pipeline, device_id
 from pipeline.corrupt import CorruptSample, find_corrupt, index_samples
-from pipeline.shardset import member_key, write_part_index
-from pipeline.spec import EpochLoader, LoaderSpec, resolve
+from pipeline.remainder import Remainder, positions_bytes
+from pipeline.spec import LoaderSpec
+from shards.index import sample_key
 
 log = logging.getLogger(__name__)
 _SOURCE_INFO = re.compile(r"^(.*?):(\d+):(.*)$", re.S)
 
 
-def make_loader(
-    shards_dir: str | os.PathLike,
-    split: str = "train",
-    batch_size: int = 256,
-    rank: int = 0,
-    world_size: int = 1,
-    device: str = "cuda",
-    backend: str = "dali",
-    crop_size: int = 224,
-    seed: int = 0,
-    return_keys: bool = False,
-    **extra,
-):
-    """Batches of `split` for rank `rank` of `world_size` (DESIGN.md "Pipeline API").
+class EpochLoader:
+    """What both backends' loaders share: `len()`, `num_samples`, the epoch counter (each
+    pass over the loader reads `epoch`, then counts it on; `set_epoch` sets it), and where
+    the loader stands (`state_dict` / `load_state_dict`): the pass, the batches it has handed
+    out, and the backend's own state to continue exactly there (DALI: the pipeline's
+    checkpoint; the baseline: its deterministic position), so a resumed run reads the same
+    samples with the same augmentation as an uninterrupted one."""
 
-    Yields `(images, labels)` or, with `return_keys`, `(images, labels, keys)`: images
-    `[B, 3, crop, crop]` (ten-crop: `[B, 10, 3, crop, crop]`, views ordered top-left,
-    top-right, bottom-left, bottom-right, centre, then the same five mirrored) in `dtype`,
-    normalised with the shard set's stats.json, on `device`; labels int64 `[B]`; keys the
-    WebDataset sample keys (list of str). Extras, with defaults: see `spec.EXTRA_DEFAULTS`.
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = self._base = spec
+        self.epoch = spec.epoch
+        self._pass: tuple[int, int] | None = None  # (epoch, batches handed out) while a pass runs
+        self._resume: dict | None = None
+        self._skipped: list[dict] = []
+        self._tuning: dict | None = None
 
-    The loader has `len()` (batches this rank yields per epoch), `num_samples` (samples this
-    rank yields per epoch), `set_epoch(e)` (the next pass reads epoch e) and `epoch` (the
-    epoch the next pass reads). In train every rank yields the same number of full batches;
-    in val every sample once across all ranks (the last batch may be short, a rank whose
-    part is empty yields nothing). Bad arguments and bad shards raise one-line
-    ValueError/FileNotFoundError here, before any batch is read.
-    """
-    spec = resolve(shards_dir, split, batch_size, rank, world_size, device, backend, crop_size,
-                   seed, return_keys, extra)
-    if backend == "torch":
-        from pipeline.torch_baseline import TorchLoader
+    def __len__(self) -> int:
+        return self.spec.num_batches
 
-        return TorchLoader(spec)
-    return DaliLoader(spec)
+    @property
+    def dataset_size(self) -> int:
+        """Samples in the whole split, all ranks together."""
+        return self.spec.data.num_samples
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per epoch (train: its full batches; val: its whole part)."""
+        return self.spec.num_samples
+
+    @property
+    def skipped(self) -> list[dict]:
+        """Corrupt samples left out so far (on_corrupt="skip"), one dict each: `shard`, `key`,
+        `epoch`; it only grows, so a caller counts a pass's skips as the difference."""
+        return self._skipped
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The decoding settings in effect, after any "auto" tuning: `num_threads` (DALI threads,
+        or the baseline's DataLoader workers) and `hw_decoder_load` (None: DALI's default)."""
+        return {"num_threads": self.spec.num_threads, "hw_decoder_load": self.spec.hw_decoder_load}
+
+    @property
+    def tuning(self) -> dict | None:
+        """What the "auto" settings chose and measured (`pipeline.tuning.tune`'s report: tuned,
+        chosen, probes, seconds, budget_s), or None where nothing was tuned."""
+        return self._tuning
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _next_epoch(self) -> int:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.spec.remainder is not None and self.spec.remainder.epoch != epoch:
+            self.spec = self._base  # a resharded epoch is over: the next ones read whole parts
+        return epoch
+
+    def reshard(self, remainder: Remainder) -> None:
+        """The next pass reads what is left of epoch `remainder.epoch` after a resize, this
+        rank's run of it (`pipeline.remainder`); `len()` counts the steps taken before it."""
+        self.spec = replace(self._base, remainder=remainder)
+        self.epoch, self._resume = remainder.epoch, None
+
+    def _shape(self) -> dict:
+        s = self.spec
+        return {"rank": s.rank, "world_size": s.world_size, "batch_size": s.batch_size, "seed": s.seed,
+                "samples": s.data.num_samples, "backend": type(self).__name__}
+
+    def state_dict(self) -> dict:
+        """Where the loader stands: `epoch` (the pass to read next, or the one under way) and
+        `batch` (the batches of it already handed out), with the backend's state."""
+        if self._pass is None or self._pass[1] >= len(self):
+            epoch = self._pass[0] + 1 if self._pass is not None else self.epoch
+            return {**self._shape(), "epoch": epoch, "batch": 0, "backend_state": None}
+        epoch, batch = self._pass
+        state = {**self._shape(), "epoch": epoch, "batch": batch, "backend_state": self._backend_state(),
+                 "positions": positions_bytes(self._handed_positions())}  # what a resize needs
+        if self.spec.resharded(epoch):
+            state["remainder"] = self.spec.remainder.to_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (of a loader of the same shape: rank, world size, batch size,
+        seed, sample count); the next pass resumes that epoch at that batch."""
+        mine = self._shape()
+        differ = [k for k in mine if state.get(k) != mine[k]]
+        if differ:
+            raise ValueError(f"loader state is for {', '.join(f'{k}={state.get(k)!r}' for k in differ)}, this loader "
+                             f"has {', '.join(f'{k}={mine[k]!r}' for k in differ)}: a saved reader position is only "
+                             "valid for the same sharding")
+        self.epoch = int(state["epoch"])
+        self._resume = state if state["batch"] else None
+        remainder = Remainder.from_dict(state.get("remainder"))
+        self.spec = replace(self._base, remainder=remainder) if remainder is not None else self._base
+
+    def _take_resume(self, epoch: int) -> dict | None:
+        resume, self._resume = self._resume, None
+        return resume if resume is not None and resume["epoch"] == epoch else None
+
+    def _backend_state(self):
+        return None
+
+    def _handed_positions(self) -> list[int]:
+        """Positions (in the epoch's read order) of the samples handed out in the pass under way."""
+        raise NotImplementedError
 
 
 class DaliLoader(EpochLoader):
     """One rank's DALI loader; see `make_loader`."""
 
-    def __init__(self, spec: LoaderSpec) -> None:
+    def __init__(self, spec: LoaderSpec, tuning: dict | None = None) -> None:
         super().__init__(spec)
+        self._tuning = tuning  # what `make_loader` probed for the "auto" settings of `spec`
         self._parts = tempfile.TemporaryDirectory(prefix="alexnet-part-")  # this rank's part indexes
         self._live = None  # the iterator of the pass under way
         self._handed: set[str] = set()  # keys handed out in the pass under way
@@ -83,11 +158,6 @@ class DaliLoader(EpochLoader):
         self._prior: list[int] = []  # positions handed out before the restart this pass resumed from
         self._sources: list[tuple[str, str]] = []  # (tar, key) of each sample handed out since
         self._where: dict[tuple[str, str], int] | None = None  # (tar, key) -> position, once per pass
-        if spec.auto:  # num_threads / hw_decoder_load "auto": probed on this rank's part, before any pass
-            from pipeline.tuning import tune
-
-            self.spec, self._tuning = tune(spec, Path(self._parts.name))
-            self._base = self.spec
 
     def __iter__(self) -> Iterator[tuple]:
         epoch = self._next_epoch()
@@ -105,7 +175,7 @@ class DaliLoader(EpochLoader):
             return
         self._check_part(epoch)
         it = self._open(epoch, resume["backend_state"] if resume and not self._excluded else None)
-        device = _torch_device(self.spec)
+        device = torch_device(self.spec)
         left = self.num_samples - k * self.spec.batch_size
         try:
             while k < len(self):
@@ -147,7 +217,7 @@ class DaliLoader(EpochLoader):
         `checkpoint` when given), or, once corrupt samples were skipped, what is left of it."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        from pipeline.dali import READER
+        from pipeline.dali import READER  # DALI itself is imported where a pipeline is built
 
         self._live = None
         if self._excluded:
@@ -223,9 +293,8 @@ class DaliLoader(EpochLoader):
             offsets, self._where = spec.tar_offsets(epoch), {}
             for i, first, end in spec.part_files(epoch):
                 tar = str(spec.data.tars[i])
-                lines = spec.data.indexes[i].read_text().splitlines()[1 + first: 1 + end]
-                for j, line in enumerate(lines, start=first):
-                    self._where[(tar, member_key(line.split(" ")[3]))] = offsets[i] + j
+                for j, entry in enumerate(spec.data.entries(i, first, end), start=first):
+                    self._where[(tar, entry.key)] = offsets[i] + j
         return self._prior + [self._where[src] for src in self._sources]
 
     def state_dict(self) -> dict:
@@ -233,52 +302,6 @@ class DaliLoader(EpochLoader):
         if state["batch"] and self._excluded:
             state.update(handed=sorted(self._handed), excluded=sorted(self._excluded))
         return state
-
-
-def build_pipeline(spec: LoaderSpec, epoch: int, part_dir: Path | None = None,
-                   checkpoint: str | None = None, skip: set[str] | None = None) -> "nvidia.dali.Pipeline":  # noqa: F821
-    """The built DALI pipeline that reads `epoch` of `spec` (exposed for benchmarks).
-
-    The reader is handed exactly this rank's part: the tars it touches, in the epoch's
-    order, with the first and last one's index cut to the part's samples (written into
-    `part_dir`), as one DALI shard. The tars outside the part need not be on this node.
-    `skip`: keys left out (the rest of a pass after corrupt samples; reseeded)."""
-    from pipeline import dali
-
-    tars, indexes = [], []
-    for i, first, end in spec.part_files(epoch):
-        idx = spec.data.indexes[i]
-        done = spec.done_rows(epoch, i)  # a resharded epoch: what the steps before the resize took
-        if skip or done or (first, end) != (0, spec.data.counts[i]):
-            part_dir = part_dir or Path(tempfile.mkdtemp(prefix="alexnet-part-"))
-            tag = (f"-skip{len(skip)}" if skip else "") + (f"-w{spec.world_size}-s{spec.remainder.steps_done}"
-                                                          if spec.resharded(epoch) else "")
-            idx = write_part_index(idx, first, end, part_dir / f"e{epoch}-r{spec.rank}-t{i}{tag}.idx", skip, done)
-            if idx is None:
-                continue
-        tars.append(str(spec.data.tars[i]))
-        indexes.append(str(idx))
-    common = dict(
-        tars=tars, indexes=indexes, shard_id=0, num_shards=1,
-        device="gpu" if spec.device == "cuda" else "cpu", crop_size=spec.crop_size,
-        resize_to=spec.resize_to, mean=[255 * m for m in spec.stats.mean],
-        std=[255 * s for s in spec.stats.std], dtype=spec.dtype,
-        batch_size=spec.batch_size, num_threads=spec.num_threads,
-        device_id=_device_id(spec), seed=spec.epoch_seed(epoch) + (len(skip) if skip else 0),
-        prefetch_queue_depth=spec.prefetch, hw_decoder_load=spec.hw_decoder_load,
-    )
-    if spec.train:
-        pipe = dali.train_pipeline(
-            **common, crop=spec.crop, rrc_scale=spec.rrc_scale,
-            lighting_matrix=spec.stats.lighting_matrix() if spec.lighting else None,
-            initial_fill=spec.shuffle_buffer, enable_checkpointing=True, checkpoint=checkpoint,
-        )
-    elif spec.ten_crop:
-        pipe = dali.ten_crop_pipeline(**common)
-    else:
-        pipe = dali.val_pipeline(**common)
-    pipe.build()
-    return pipe
 
 
 def parse_labels(raw: torch.Tensor) -> torch.Tensor:
@@ -295,28 +318,15 @@ def parse_labels(raw: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def parse_keys(raw: torch.Tensor) -> list[str]:
-    """WebDataset keys from the zero-padded `source_info` bytes ("tar:offset:member") [B, L]."""
-    return [key for _, key in parse_sources(raw)]
-
-
 def parse_sources(raw: torch.Tensor) -> list[tuple[str, str]]:
     """(tar, key) of each sample from the zero-padded `source_info` bytes [B, L]."""
     out = []
     for row in raw.numpy():
         info = row.tobytes().rstrip(b"\0").decode()
         m = _SOURCE_INFO.match(info)
-        out.append((m.group(1), member_key(m.group(3))) if m else ("", member_key(info)))
+        out.append((m.group(1), sample_key(m.group(3))) if m else ("", sample_key(info)))
     return out
 
 
-def _device_id(spec: LoaderSpec) -> int | None:
-    if spec.device != "cuda":
-        return None
-    if spec.device_id is not None:
-        return int(spec.device_id)
-    return torch.cuda.current_device()  # a logical index: what Ray's CUDA_VISIBLE_DEVICES needs
-
-
-def _torch_device(spec: LoaderSpec) -> torch.device:
-    return torch.device("cuda", _device_id(spec)) if spec.device == "cuda" else torch.device("cpu")
+def torch_device(spec: LoaderSpec) -> torch.device:
+    return torch.device("cuda", device_id(spec)) if spec.device == "cuda" else torch.device("cpu")
