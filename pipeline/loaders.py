@@ -32,7 +32,7 @@ from pipeline.builder import build_pipeline, device_id
 from pipeline.corrupt import CorruptSample, find_corrupt, index_samples
 from pipeline.remainder import Remainder, positions_bytes
 from pipeline.spec import LoaderSpec
-from shards.index import sample_key
+from shards.index import member_key
 
 log = logging.getLogger(__name__)
 _SOURCE_INFO = re.compile(r"^(.*?):(\d+):(.*)$", re.S)
@@ -324,7 +324,7 @@ def parse_sources(raw: torch.Tensor) -> list[tuple[str, str]]:
     for row in raw.numpy():
         info = row.tobytes().rstrip(b"\0").decode()
         m = _SOURCE_INFO.match(info)
-        out.append((m.group(1), sample_key(m.group(3))) if m else ("", sample_key(info)))
+        out.append((m.group(1), member_key(m.group(3))) if m else ("", member_key(info)))
     return out
 
 

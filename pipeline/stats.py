@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.layouts import CLASSES_FILE, STATS_FILE
+from shards.layouts import STATS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,6 @@ def read_stats(shards_dir: str | os.PathLike) -> Stats:
     if len(stats.eigvec) != 3 or min(stats.std) <= 0:
         raise ValueError(f"{path}: eigvec must be 3x3 and std positive; re-run `python -m shards build`")
     return stats
-
-
-def read_classes(shards_dir: str | os.PathLike) -> list[dict]:
-    """`classes.json`: [{"index", "wnid", "name"}, ...]; an empty list when absent."""
-    path = Path(shards_dir) / CLASSES_FILE
-    if not path.is_file():
-        return []
-    return json.loads(path.read_text())
 
 
 @functools.cache

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 # stats.json is computed from a grid of STATS_GRID x STATS_GRID pixels of each stored train
 # image (nearest-neighbour picks); the sums, not the pixels, travel back to the packer.
 STATS_GRID = 32
-PIXELS_PER_IMAGE = STATS_GRID * STATS_GRID
 
 UNREADABLE = "unreadable: "  # the prefix of reasons a re-run retries
 # errnos worth retrying: the file may well read on the next try (network filesystems, busy disks)

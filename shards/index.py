@@ -32,7 +32,7 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :]
 
 
-def sample_key(member_name: str) -> str:
+def member_key(member_name: str) -> str:
     """The WebDataset sample key of a tar member (`a/b.jpg` -> `a/b`), as webdataset splits it."""
     m = _KEY_RE.match(member_name)
     return m.group(1) if m else member_name
@@ -54,7 +54,7 @@ class IndexEntry(NamedTuple):
     @property
     def key(self) -> str:
         fields = self.line.split(" ", 4)
-        return sample_key(fields[3]) if len(fields) > 3 else ""
+        return member_key(fields[3]) if len(fields) > 3 else ""
 
     @property
     def exts(self) -> list[str]:

@@ -24,7 +24,6 @@ IDX_SUFFIX = ".idx"
 IMAGE_EXT = "jpg"
 LABEL_EXT = "cls"
 
-_SHARD_RE = re.compile(r"^shard-(\d{6,})\.tar$")
 
 
 def shard_name(i: int) -> str:
@@ -39,14 +38,6 @@ def index_name(tar_name: str) -> str:
     if not tar_name.endswith(TAR_SUFFIX):
         raise ValueError(f"not a .tar name: {tar_name}")
     return tar_name[: -len(TAR_SUFFIX)] + IDX_SUFFIX
-
-
-def shard_number(tar_name: str) -> int:
-    """Inverse of `shard_name`; raises ValueError for any other name."""
-    m = _SHARD_RE.match(Path(tar_name).name)
-    if not m:
-        raise ValueError(f"not a shard name: {tar_name}")
-    return int(m.group(1))
 
 
 def split_tars(shards_dir: Path, split: str) -> list[Path]:

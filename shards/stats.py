@@ -22,15 +22,6 @@ class PixelMoments:
         self.sum += np.asarray(s, dtype=np.float64).reshape(3)
         self.outer += np.asarray(outer, dtype=np.float64).reshape(3, 3)
 
-    def to_json(self) -> dict:
-        return {"count": self.count, "sum": self.sum.tolist(), "outer": self.outer.ravel().tolist()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> PixelMoments:
-        m = cls()
-        m.add(d["count"], d["sum"], d["outer"])
-        return m
-
     def stats(self) -> dict:
         """The stats.json dict. eigvec[i][j] is component i (R, G, B) of eigenvector j, the
         eigenvectors being the columns, in the order of eigval (descending)."""

@@ -171,10 +171,6 @@ class EncoderPool:
         """CPU seconds the workers spent from their first job on (start-up left out)."""
         return sum(self._cpu)
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
-
     def imap(self, jobs: Iterable, chunksize: int = 8, name: Callable[[object], str] = str) -> Iterator:
         """fn(job) for each job of `jobs` (consumed lazily), in order. Raises WorkerDied when
         a worker ends; `name(job)` names the jobs it held.
