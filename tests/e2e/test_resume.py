@@ -109,20 +109,20 @@ def test_a_restarted_run_writes_every_output_once(failed_at_step, capsys):
     assert len(epoch_rows(run_dir)) == 2
 
 
-@pytest.mark.parametrize("marker,writing,since", [
-    ("epoch-0000-step-0000003", False, 3),  # epoch 1, in the steps after the step-3 checkpoint
-    ("epoch-0001-step-0000010", True, 7),  # epoch 2, while the step-10 checkpoint is written
+@pytest.mark.parametrize("marker,writing", [
+    ("epoch-0000-step-0000003", False),  # epoch 1, in the steps after the step-3 checkpoint
+    ("epoch-0001-step-0000010", True),  # epoch 2, while the step-10 checkpoint is written
 ])
-def test_sigkill_of_a_worker_mid_epoch_resumes_exactly(local_ray, reference, demo_shards, tmp_path, marker, writing,
-                                                       since):
-    """Wherever the kill lands, the restart resumes from the newest registered checkpoint (at
-    or after `since`, the newest one when the kill was due) and ends as the reference did."""
+def test_sigkill_of_a_worker_mid_epoch_resumes_exactly(local_ray, reference, demo_shards, tmp_path, marker, writing):
+    """Wherever the kill lands, the restart resumes from a checkpoint Ray registered (which one
+    depends on how far Ray's registration, asynchronous to the steps, had got; a half-copied
+    one never) and ends as the reference did."""
     run_dir = tmp_path / "runs" / "killed"
     watcher = kill_a_worker_when(run_dir, marker, writing=writing, delay=0.0 if writing else 0.1)
     assert train.main(["--config", str(write_config(tmp_path, "killed", demo_shards))]) == 0
     watcher.join(5)
     done = summary(run_dir)
-    assert done["restarts"] == 1 and done["resumed_at"][0] in CHECKPOINT_STEPS and done["resumed_at"][0] >= since
+    assert done["restarts"] == 1 and done["resumed_at"][0] in CHECKPOINT_STEPS
     assert_same_run(run_dir, reference)
 
 
