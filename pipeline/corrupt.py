@@ -127,7 +127,9 @@ def _decode_file(path: str) -> int:
 
         @pipeline_def(batch_size=len(batch), num_threads=1, device_id=None, prefetch_queue_depth=1)
         def decode():
-            return fn.decoders.image(fn.external_source(source=lambda: batch, batch=True), output_type=types.RGB)
+            # built and run within this iteration, so the closure reads this very batch
+            return fn.decoders.image(fn.external_source(source=lambda: batch, batch=True),  # noqa: B023
+                                     output_type=types.RGB)
 
         try:
             pipe = decode()

@@ -44,7 +44,7 @@ class Remainder:
         return {"epoch": self.epoch, "done": self.done, "steps_done": self.steps_done}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Remainder | None":
+    def from_dict(cls, d: dict | None) -> Remainder | None:
         return None if not d else cls(int(d["epoch"]), bytes(d["done"]), int(d["steps_done"]))
 
 

@@ -91,7 +91,7 @@ def ec2_validate(node_config: dict) -> None:
 def test_aws_passes_ray_schema_and_ec2_model():
     config = load_yaml("aws.yaml")
     prepared = ray_validate(config)
-    for name, node_type in prepared["available_node_types"].items():
+    for node_type in prepared["available_node_types"].values():
         ec2_validate(node_type["node_config"])
     assert prepared["provider"]["type"] == "aws"
 
@@ -230,7 +230,7 @@ def kuberay_crd_schema() -> dict:
     return _crd_schema(path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _crd_schema(path: str) -> dict:
     crd = yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1.4 MB
     assert crd["spec"]["names"]["kind"] == "RayJob"

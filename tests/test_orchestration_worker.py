@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from helpers.faults import FailAt
 from helpers.local_train import run_local
+
 from orchestration.metrics import COLUMNS
 from orchestration.run_book import resizes
 

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.shard_writers import write_flat_shards, write_gradient_shards
 
 from pipeline import make_loader
 from pipeline.stats import IMAGENET_MEAN, IMAGENET_STD
-from helpers.shard_writers import write_flat_shards, write_gradient_shards
 
 H, W = 64, 96  # the gradient images
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255

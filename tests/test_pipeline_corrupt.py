@@ -74,7 +74,8 @@ def test_skip_leaves_the_sample_out_and_keeps_the_step_count(rotten, demo_shards
     assert loader.skipped == [{"shard": str(tar), "key": key, "epoch": 0}]
     if backend == "dali":  # the part's spare samples fill in: the same count, the bad one replaced
         assert len(keys) >= loader.num_samples - 1 and set(keys) <= expected | set(
-            r.key for i, a, b in loader.spec.part_files(0) for r in index_samples(loader.spec.data.indexes[i], "", a, b))
+            r.key for i, a, b in loader.spec.part_files(0)
+            for r in index_samples(loader.spec.data.indexes[i], "", a, b))
     else:
         assert set(keys) == expected - {key}
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers.shard_writers import COLOURS, write_colour_shards, write_gradient_shards
 
 from pipeline import make_loader
 from pipeline.stats import IMAGENET_MEAN, IMAGENET_STD
-from helpers.shard_writers import COLOURS, write_colour_shards, write_gradient_shards
 
 CROP = 32
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
@@ -115,6 +114,6 @@ def test_leaving_a_pass_early_leaves_nothing_behind(colour, tmp_path):
     root, _ = colour
     val = loader(root, "val", tmp_path, return_keys=True)
     full = [k for _, _, ks in val for k in ks]
-    for _, _, keys in val:
+    for _ in val:
         break  # e.g. a max-steps limit
     assert [k for _, _, ks in val for k in ks] == full, "the next pass starts at the first sample"

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers.shard_writers import write_colour_shards
 
 from pipeline import make_loader
 from pipeline.loaders import parse_labels
-from helpers.shard_writers import write_colour_shards
 
 
 @pytest.fixture(scope="module")

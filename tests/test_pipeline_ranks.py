@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from helpers.shard_writers import write_colour_shards
 
 from pipeline import make_loader
-from helpers.shard_writers import write_colour_shards
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.shard_writers import write_colour_shards, write_gradient_shards
 
 from pipeline import make_loader
-from helpers.shard_writers import write_colour_shards, write_gradient_shards
 
 
 def by_key(loader) -> dict[str, tuple[torch.Tensor, int]]:
@@ -37,7 +37,8 @@ def test_torch_and_dali_val_pixels_are_close(tmp_path, ten_crop):
     images = {}
     for backend in ("dali", "torch"):
         loader = make_loader(tmp_path, "val", batch_size=3, device="cpu", backend=backend,
-                             crop_size=28, ten_crop=ten_crop, return_keys=True, num_threads=0 if backend == "torch" else 2,
+                             crop_size=28, ten_crop=ten_crop, return_keys=True,
+                             num_threads=0 if backend == "torch" else 2,
                              index_cache_dir=tmp_path / "idx")
         images[backend] = by_key(loader)
     assert images["dali"].keys() == images["torch"].keys()

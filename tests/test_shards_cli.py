@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def shards_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shards", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "shards", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
 
 
 def idx_entries(idx: Path) -> list[dict[str, tuple[int, int]]]:
@@ -69,7 +70,8 @@ def test_verify_catches_a_missing_shard_and_a_stale_index(demo_shards: Path, tmp
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["build", "--source", "/nonexistent/imagenet", "--out", "{tmp}/o"], "/nonexistent/imagenet: source directory not found"),
+    (["build", "--source", "/nonexistent/imagenet", "--out", "{tmp}/o"],
+     "/nonexistent/imagenet: source directory not found"),
     (["build", "--source", "{tmp}", "--out", "{tmp}/o"], "no train/ or val/ folder"),
     (["build", "--source", "{tree}", "--out", "{tmp}/file/o"], "output not writable"),
     (["build", "--source", "{tree}", "--out", "{tmp}/o", "--shard-size-mb", "0"], "--shard-size-mb must be > 0"),

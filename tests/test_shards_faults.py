@@ -146,7 +146,7 @@ def test_sigkill_at_10_50_90_percent_resumes_to_the_same_bytes(tree: Path, clean
     seen = []
     for fraction in (0.1, 0.5, 0.9):
         target = math.ceil(total * fraction)
-        kill_when(packer(tree, out), lambda: records(out) >= target)
+        kill_when(packer(tree, out), lambda target=target: records(out) >= target)
         seen.append(records(out))
         assert not (out / MANIFEST_FILE).exists()
     assert seen[0] < seen[1] < seen[2] < total, seen

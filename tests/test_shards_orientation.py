@@ -65,7 +65,8 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for split, n in (("train", 4), ("val", 2)):
             (src / split / wnid).mkdir(parents=True)
             for k in range(n):
-                (src / split / wnid / f"{wnid}_{split}{k}.JPEG").write_bytes(noise(10 * i + k + (5 if split == "val" else 0)))
+                seed = 10 * i + k + (5 if split == "val" else 0)
+                (src / split / wnid / f"{wnid}_{split}{k}.JPEG").write_bytes(noise(seed))
     (src / "val" / WNIDS[0] / "rot6.JPEG").write_bytes(tagged(200, 100, 6))  # small: copied, were it not tagged
     (src / "val" / WNIDS[1] / "rot8.JPEG").write_bytes(tagged(200, 100, 8))
     (src / "train" / WNIDS[0] / "rot6.JPEG").write_bytes(tagged(200, 100, 6))

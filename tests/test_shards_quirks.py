@@ -169,7 +169,8 @@ VAL = {f"ILSVRC2012_val_{i:08d}": WNIDS[i % 3] for i in range(1, 7)}
 def make_tree(root: Path, layout: str, quirky: bool = True) -> Path:
     """The quirky train set (or, with `quirky=False`, one plain image per class) and the
     six val images in `layout`."""
-    files = train_files() if quirky else {f"{w}/{w}_1.JPEG": (jpeg(40, 30, seed=i), "copy") for i, w in enumerate(WNIDS)}
+    plain = {f"{w}/{w}_1.JPEG": (jpeg(40, 30, seed=i), "copy") for i, w in enumerate(WNIDS)}
+    files = train_files() if quirky else plain
     for rel, (data, _) in files.items():
         (root / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / "train" / rel).write_bytes(data)
@@ -247,7 +248,7 @@ def test_quirky_tree_packs_with_nothing_lost(tmp_path: Path, layout: str, shorte
     copied = stored[("train", "n00000001_1")]["jpg"]
     assert copied == train_files()["n00000001/n00000001_1.JPEG"][0]
     # EXIF orientation applied, tag dropped: the stored pixels are the upright image
-    for key, orientation in (("n00000001_exif6", 6), ("n00000001_exif3", 3)):
+    for key in ("n00000001_exif6", "n00000001_exif3"):
         img = Image.open(io.BytesIO(stored[("train", key)]["jpg"]))
         assert img.getexif().get(0x0112) is None
         original = train_files()[f"n00000001/{key}.JPEG"][0]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-
 from helpers.s3_server import S3Server
+
 from shards.layouts import MANIFEST_FILE, PACK_DIR, SHARDS_FILE, split_tars
 from shards.pack import build
 from shards.verify import verify
@@ -185,4 +185,5 @@ def test_source_must_be_local(tmp_path: Path) -> None:
     res = shards_cli("build", "--source", "s3://bucket/imagenet", "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip() == ("error: --source s3://bucket/imagenet: must be a local directory; copy the tree "
-                                  "locally first (e.g. aws s3 sync s3://bucket/imagenet /data/imagenet) and pass that path")
+                                  "locally first (e.g. aws s3 sync s3://bucket/imagenet /data/imagenet) "
+                                  "and pass that path")

@@ -33,7 +33,7 @@ class LocalS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LocalS3":
+    def start(self) -> LocalS3:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -46,9 +46,9 @@ class LocalS3:
             try:
                 urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
                 return self
-            except OSError:
+            except OSError as err:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {self.endpoint}")
+                    raise RuntimeError(f"moto_server did not start on {self.endpoint}") from err
                 time.sleep(0.1)
 
     def stop(self) -> None:
