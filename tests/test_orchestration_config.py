@@ -123,7 +123,7 @@ def test_cli_errors_exit_nonzero_without_traceback(tmp_path: Path) -> None:
 
 def test_checkpoint_file_fixed_keys_complete_and_safe_to_load(tmp_path: Path) -> None:
     """The file rank 0 puts in the folder it hands to Ray (pruning and resume are Ray's:
-    tests/test_orchestration_train.py, tests/test_orchestration_s3.py)."""
+    tests/e2e/test_resume.py, tests/e2e/test_s3_run.py)."""
     model = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
     nn.Module.__init__(model)
     model.module = nn.Linear(3, 2)  # a DDP-shaped wrapper: saved keys must carry no `module.`
