@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from unittest.mock import patch  # patch.dict: environment variables set for a block, then restored
 
 ROOT = Path(__file__).resolve().parents[2]  # the project
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -51,12 +52,11 @@ class TwoNodes:
         from ray.cluster_utils import Cluster
 
         self.env = dict(env or {})
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)  # the nodes' processes inherit it
         self.dashboard_port = free_port()
-        self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-            "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True,
-            "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port})
+        with patch.dict(os.environ, self.env):  # the nodes' processes inherit it
+            self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+                "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True,
+                "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port})
         try:
             for _ in range(2):
                 self.add_node(wait=False)  # both start at once
@@ -64,25 +64,11 @@ class TwoNodes:
         except BaseException:
             self.shutdown()
             raise
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
     def add_node(self, wait: bool = True):
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
+        with patch.dict(os.environ, self.env):
             return self.cluster.add_node(wait=wait, num_cpus=1, node_ip_address="127.0.0.1",
                                          dashboard_agent_listen_port=free_port())
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
     def node_of_a_worker(self):
         """A worker node that holds a live Ray Train worker (the state API, through the dashboard)."""
