@@ -46,7 +46,8 @@ def make_loaders(cfg: TrainConfig, rank: int, world_size: int, device: torch.dev
     train = make_loader(cfg.shards_dir, split="train", crop=cfg.crop, epoch=epoch, return_keys=True, **args)
     if train.tuning:
         print(f"rank {rank}: DALI {describe(train.tuning)}", flush=True)
-        args.update(num_threads=train.settings["num_threads"], hw_decoder_load=train.settings["hw_decoder_load"])
+    if cfg.backend == "dali":  # "auto" resolved once, on the train part (also where probing was skipped)
+        args.update(train.settings)
     val = make_loader(cfg.shards_dir, split="val", ten_crop=cfg.eval_crop == "ten_crop", **args)
     num_classes, val_size = dataset_facts(cfg.shards_dir, val)
     return Loaders(train, val, num_classes, train.dataset_size, val_size)

@@ -193,7 +193,7 @@ class StepHooks:
 
     def after_epoch(self, epoch: int, pos: Position, row: dict[str, Any]) -> None:
         """`pos` stands at the end of `epoch`; `row` is the epoch's figures (Ray's metrics)."""
-        if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
+        if self.stopping or epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
             self._checkpoint(pos, row, epoch_end=True)
         else:
             self.saver.report(row, epoch)

@@ -26,12 +26,14 @@ log = logging.getLogger("train")
 class RunBook:
     """This start's row in state.json, the banked training time, and the summary at the end."""
 
-    def __init__(self, run: Location, rank: int, world_size: int, pos: Position, resumed: bool) -> None:
+    def __init__(self, run: Location, rank: int, world_size: int, pos: Position, resumed: bool,
+                 started: float) -> None:
         """Record this start (rank 0), drop the ledger rows of steps the restart undid, and
-        agree on the attempt number (the ledger names its files by it)."""
+        agree on the attempt number (the ledger names its files by it). `started`: the
+        worker's start (time.perf_counter), from which this start's training time counts."""
         self.run, self.rank, self.world_size = run, rank, world_size
         self.state: dict[str, Any] = {}
-        self._since = time.perf_counter()
+        self._since = started
         self._first_step_pending = rank == 0
         if rank == 0:
             self.state = self._start(pos, resumed)

@@ -52,11 +52,13 @@ log = logging.getLogger("train")
 
 # ---------------------------------------------------------------- recipe helpers
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum; no weight decay on biases and norm parameters (1-d tensors)."""
+    """SGD with momentum; in a network with BatchNorm, no weight decay on biases and norm
+    parameters (1-d tensors); the paper's LRN networks decay every weight."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0 if cfg.model == "alexnet-bn" else cfg.weight_decay}]
+              {"params": no_decay, "weight_decay": 0.0 if batch_norm else cfg.weight_decay}]
     return torch.optim.SGD(groups, lr=cfg.peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
@@ -192,6 +194,7 @@ def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
 
     from model import build_model
 
+    started = time.perf_counter()  # this start's time counts from here (restart costs included)
     cfg = from_dict(config)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -202,7 +205,7 @@ def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
     random.seed(cfg.seed + rank)
     ckpt = checkpoint.restore()  # Ray hands every rank the same one: its newest registered checkpoint
     pos, run = Position.of(ckpt), run_location(cfg.run_dir)
-    book = RunBook(run, rank, world_size, pos, resumed=ckpt is not None)
+    book = RunBook(run, rank, world_size, pos, resumed=ckpt is not None, started=started)
 
     data = make_loaders(cfg, rank, world_size, device, epoch=pos.epoch)
 
