@@ -234,7 +234,11 @@ def _check_index(tar: str, idx: Path, size: int) -> int:
     """Sample count of `tar` (`size` bytes) from its index, after cheap consistency checks (a
     header that parses, a line per sample, no member past the end of the tar)."""
     entries = read_index(idx)
-    for entry in entries:
+    for n, entry in enumerate(entries, start=2):
+        fields = entry.line.split(" ")
+        if len(fields) % 4 or not all(f.isdigit() for f in fields[1::4] + fields[2::4]):
+            raise ValueError(f"{idx}: line {n} is not `ext offset size name` per member; "
+                             "delete it to have it rebuilt")
         exts = entry.exts
         if LABEL_EXT not in exts or not any(e in exts for e in IMAGE_EXTS):
             raise ValueError(

@@ -85,7 +85,9 @@ def parse_index(text: str, where: str, first: int = 0, end: int | None = None) -
         # v1.2 is the only version that carries member names, which the sample keys need
         raise ValueError(f"{where}: not a DALI {INDEX_VERSION} webdataset index; delete it to have it rebuilt")
     count = int(head[1])
-    if count != len(lines) - 1 or count == 0:
+    if count == 0:
+        raise ValueError(f"{where}: the index lists no samples; delete it to have it rebuilt")
+    if count != len(lines) - 1:
         raise ValueError(f"{where}: header says {count} samples but it lists {len(lines) - 1}; "
                          "delete it to have it rebuilt")
     return [IndexEntry(line) for line in lines[1 + first: None if end is None else 1 + end]]

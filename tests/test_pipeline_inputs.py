@@ -68,6 +68,23 @@ def test_truncated_tar_against_its_index(shards, tmp_path):
     assert "part-000.tar" in one_line(e) and "truncated" in one_line(e)
 
 
+@pytest.mark.parametrize("damage,needle", [
+    (lambda lines: lines[:1] + ["jpg 512 notanumber a.jpg cls 1024 1 a.cls"] + lines[2:], "line 2"),
+    (lambda lines: lines[:2] + ["jpg 512"] + lines[3:], "line 3"),
+    (lambda lines: [lines[0].split()[0] + " 0"], "no samples"),
+])
+def test_a_malformed_index_line_is_named_before_any_read(shards, tmp_path, damage, needle):
+    root = tmp_path / "copy"
+    shutil.copytree(shards, root)
+    make(root, tmp=root / "idx")
+    idx = root / "val" / "part-000.idx"
+    lines = next((root / "idx").glob("part-000-*.idx")).read_text().splitlines()
+    idx.write_text("\n".join(damage(lines)) + "\n")
+    with pytest.raises(ValueError) as e:
+        make(root, tmp=root / "idx")
+    assert str(idx) in one_line(e) and needle in one_line(e) and "rebuilt" in one_line(e)
+
+
 def test_crop_larger_than_the_stored_images(shards, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(shards, root)
