@@ -20,7 +20,17 @@ from pathlib import Path
 from pipeline.staging import ShardCache, file_sha256
 from pipeline.stats import IMAGENET_STATS, Stats, read_stats
 from shards.index import IndexEntry, read_index, write_index
-from shards.layouts import IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SHARDS_FILE, SPLITS, TAR_SUFFIX, split_tars
+from shards.layouts import (
+    IDX_SUFFIX,
+    IMAGE_EXT,
+    LABEL_EXT,
+    MANIFEST_FILE,
+    REPACK,
+    SHARDS_FILE,
+    SPLITS,
+    TAR_SUFFIX,
+    split_tars,
+)
 from shards.location import check_reachable, is_remote, resolve
 
 # Image member extensions read (ours is `jpg`; other WebDataset writers also use these).
@@ -178,9 +188,8 @@ def stored_side(shards_dir: str | os.PathLike, split: str) -> int | None:
     if not path.is_file():
         return None
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["split", "width", "height"])
+    table = resolve(path).read_parquet(["split", "width", "height"], REPACK)
     table = table.filter(pc.equal(table["split"], split))
     if table.num_rows == 0:
         return None
@@ -192,9 +201,7 @@ def _recorded_hashes(root: Path) -> dict[tuple[str, str], str]:
     path = root / SHARDS_FILE
     if not path.is_file():
         return {}
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(path, columns=["split", "shard", "sha256"]).to_pylist()
+    rows = resolve(path).read_parquet(["split", "shard", "sha256"], REPACK).to_pylist()
     return {(r["split"], r["shard"]): r["sha256"] for r in rows}
 
 

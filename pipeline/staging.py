@@ -29,8 +29,8 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from shards.layouts import CLASSES_FILE, IDX_SUFFIX, MANIFEST_FILE, SHARDS_FILE, STATS_FILE, TAR_SUFFIX
-from shards.location import Location, StorageError
+from shards.layouts import CLASSES_FILE, IDX_SUFFIX, MANIFEST_FILE, REPACK, SHARDS_FILE, STATS_FILE, TAR_SUFFIX
+from shards.location import Location, StorageError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,7 @@ class ShardCache:
         path = self.dir / SHARDS_FILE
         if not path.is_file():
             return
-        import pyarrow.parquet as pq
-
-        for row in pq.read_table(path, columns=["split", "shard", "bytes", "sha256"]).to_pylist():
+        for row in resolve(path).read_parquet(["split", "shard", "bytes", "sha256"], REPACK).to_pylist():
             self.expected[f"{row['split']}/{row['shard']}"] = (int(row["bytes"]), row["sha256"])
 
     # ---------------------------------------------------------------- shards

@@ -1,4 +1,4 @@
-"""`python -m shards {build,verify,demo}`: the packer's command line (DESIGN.md "Commands")."""
+"""`python -m shards {build,verify,check-store,demo}`: the packer's command line (DESIGN.md "Commands")."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-read every shard against the manifest and shards.parquet")
     v.add_argument("dir", help="shard directory or URI (s3://bucket/prefix)")
     v.add_argument("--workers", type=int, default=None, help="decoder processes (default: all cores)")
+    c = sub.add_parser("check-store", help="write, read back and delete a probe object: does the store keep bytes?")
+    c.add_argument("uri", help="a location to be written (s3://bucket/prefix, a path); AWS_* variables for S3")
     d = sub.add_parser("demo", help="write the demo ImageNet-layout tree")
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--classes", type=int, default=10)
@@ -60,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(problem)
             print(f"{args.dir}: {report.line()}")
             return 0 if report.ok else 1
+        if args.command == "check-store":
+            from shards.store_check import check_store
+
+            found = check_store(args.uri, apply=False)
+            print(found.line())
+            return 0 if found.ok else 1
         from shards.demo import write_demo
 
         out = write_demo(args.out, classes=args.classes, train_per_class=args.train_per_class,

@@ -64,3 +64,6 @@ def display_path(path: str) -> str:
         return path
     except UnicodeEncodeError:
         return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+# The way out when a set file (manifest.parquet, shards.parquet) does not parse.
+REPACK = "re-pack the set (python -m shards build --source ... --out ... --overwrite)"

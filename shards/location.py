@@ -16,10 +16,12 @@ Errors name the URI and what to do, in one line (`StorageError`, an OSError).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -28,6 +30,21 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 class StorageError(OSError):
     """A location that cannot be used: the message is one line naming it and what to do."""
+
+
+class ChangedUpload(StorageError):
+    """An object the store holds otherwise than it was written (size checked after upload)."""
+
+
+class CorruptFile(StorageError):
+    """One of the project's own files (JSON, Parquet) that does not parse: named, with the way out."""
+
+
+def corrupt_file(uri: str, err: BaseException, way_out: str) -> CorruptFile:
+    """One line: the file, that it does not parse (and the parser's first words), the way out."""
+    detail = " ".join(str(err).split())[:120]
+    return CorruptFile(f"{uri}: corrupt, not the file this project wrote ({type(err).__name__}: {detail}); "
+                       f"{way_out}")
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -119,6 +136,30 @@ class Location:
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
+    def read_json(self, way_out: str) -> Any:
+        """The JSON document here (FileNotFoundError when absent); CorruptFile naming it and
+        `way_out` when it does not parse."""
+        data = self.read_bytes()
+        try:
+            return json.loads(data)
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise corrupt_file(self.uri, err, way_out) from None
+
+    def read_parquet(self, columns: list[str] | None, way_out: str) -> Any:
+        """The Parquet table here (only `columns`); CorruptFile naming it and `way_out` when it
+        does not parse."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(self.path, columns=columns, filesystem=self.fs)
+        except FileNotFoundError:
+            raise
+        except pa.ArrowException as err:
+            raise corrupt_file(self.uri, err, way_out) from None
+        except OSError as err:
+            raise storage_error(err, self.uri) from None
+
     # ---------------------------------------------------------------- writing
     def mkdir(self) -> None:
         try:
@@ -126,10 +167,10 @@ class Location:
         except OSError as err:
             raise storage_error(err, self.uri) from None
 
-    def write_bytes(self, data: bytes) -> None:
+    def write_bytes(self, data: bytes, verify: bool = True) -> None:
         """Write the whole object: complete or absent. Locally a temp file in the same folder
         is fsynced and renamed over the name; an object store publishes an object only when
-        its upload completes."""
+        its upload completes, and the size it then holds is checked (`verify`)."""
         if not self.remote:
             from shards.index import atomic_write_bytes
 
@@ -140,9 +181,26 @@ class Location:
                 f.write(data)
         except OSError as err:
             raise storage_error(err, self.uri) from None
+        if verify:
+            self.check_stored(len(data))
+
+    def check_stored(self, written: int) -> None:
+        """ChangedUpload unless the store holds `written` bytes here: an object store that
+        changed an upload (kept the SDK's chunk framing, cut it) is named, never counted saved."""
+        held = self.size() if self.is_file() else None
+        if held != written:
+            what = "nothing" if held is None else f"{held} bytes"
+            framing = " (a store that keeps the AWS SDK's chunk framing stores a few bytes more)" if (
+                held is not None and 0 < held - written <= 128 + written // 1000) else ""
+            raise ChangedUpload(f"{self.uri}: the store holds {what} where {written} were written{framing}; "
+                                f"not counted as saved: run `python -m shards check-store {self.parent_uri}`")
+
+    @property
+    def parent_uri(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[0]
 
     def upload(self, local: Path) -> None:
-        """Copy a local file here (complete or absent, as `write_bytes`)."""
+        """Copy a local file here (complete or absent, as `write_bytes`; the size checked)."""
         if not self.remote:
             import shutil
 
@@ -158,6 +216,7 @@ class Location:
                             destination_filesystem=self.fs)
         except OSError as err:
             raise storage_error(err, self.uri) from None
+        self.check_stored(local.stat().st_size)
 
     def download(self, local: Path) -> None:
         """Copy this file to the local path `local` (not atomic: callers write a temp name)."""

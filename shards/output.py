@@ -15,11 +15,14 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from shards.index import atomic_write_bytes
 from shards.layouts import (
@@ -35,11 +38,13 @@ from shards.layouts import (
     index_name,
     shard_name,
 )
-from shards.location import Location, check_reachable, resolve, storage_error
+from shards.location import Location, corrupt_file, resolve, storage_error
+from shards.store_check import require
 from shards.upload import Uploader, read_hashed
 from shards.writer import ShardWriter
 
 STATE_FILE = "state.json"
+OVERWRITE_HINT = "re-run with --overwrite to clear what the earlier pack left (or choose another --out)"
 PART_SUFFIX = ".parquet"  # beside each record: `.pack/<split>/<shard>.parquet`, its manifest rows and rejects
 # The set files, in the order they are written after the last shard: manifest.parquet last,
 # so a reader that finds it finds the whole set.
@@ -78,14 +83,18 @@ class PackOutput:
 
     @classmethod
     def open(cls, out: str | os.PathLike, work_dir: str | os.PathLike | None = None) -> PackOutput:
-        """Resolve `out`; for a remote one check the bucket first (one line when it cannot be
-        used) and take the work directory. Nothing is written to a local `out` yet."""
+        """Resolve `out`; for a remote one check the bucket and that the store keeps the bytes
+        written (`shards.store_check`, one line when it cannot be used), and take the work
+        directory. Nothing is written to a local `out` yet."""
         loc = resolve(out)
         if not loc.remote:
             if work_dir is not None:
                 raise ValueError(f"--work-dir is for a remote --out; {loc.uri} is local and written in place")
             return cls(loc, loc.local_path())
-        check_reachable(loc)
+        store = require(loc)  # the store keeps what is written, or one line before any work
+        if store.applied:
+            print(store.line(), file=sys.stderr)
+            loc = resolve(loc.uri)  # a client made with the settings now in the environment
         work = Path(work_dir).expanduser().resolve() if work_dir is not None else default_work_dir(loc.uri)
         try:
             work.mkdir(parents=True, exist_ok=True)
@@ -119,18 +128,16 @@ class PackOutput:
             except OSError as e:
                 raise PermissionError(f"{out}: output not writable ({e.strerror}); fix its permissions or "
                                       "choose another --out") from None
-        state_loc = self.loc / PACK_DIR / STATE_FILE
-        state = json.loads(state_loc.read_bytes()) if state_loc.is_file() else None
-        if overwrite:
+        if overwrite:  # whatever the old output holds: cleaned, never parsed
             self.clean()
-            state = None
-        elif state is not None and state["fingerprint"] != fingerprint:
+        state = None if overwrite else self.read_state()
+        if state is not None and state.get("fingerprint") != fingerprint:
             changed = [k for k in settings if state["settings"].get(k) != settings[k]] or ["the source's file list"]
             raise ValueError(
                 f"{self.loc.uri}: already holds shards packed from {state['settings']['source']} with other "
                 f"settings ({', '.join(changed)} differ); pass --overwrite to replace them or choose another --out"
             )
-        elif state is None and (_holds_files(self.loc) if self.remote else self.loc.list()):
+        elif state is None and not overwrite and (_holds_files(self.loc) if self.remote else self.loc.list()):
             raise ValueError(f"{self.loc.uri}: not empty and not written by the packer; pass --overwrite or "
                              "choose an empty --out")
         if state is None:
@@ -139,6 +146,16 @@ class PackOutput:
         if not self.remote:  # temp files of the state and set files a killed run left behind
             for p in [*(self.work / PACK_DIR).glob("*.tmp"), *self.work.glob("*.tmp")]:
                 p.unlink(missing_ok=True)
+        return state
+
+    def read_state(self) -> dict | None:
+        """`.pack/state.json` (None when absent); one line naming it when it does not parse."""
+        state_loc = self.loc / PACK_DIR / STATE_FILE
+        if not state_loc.is_file():
+            return None
+        state = state_loc.read_json(OVERWRITE_HINT)
+        if not (isinstance(state, dict) and isinstance(state.get("settings"), dict) and "fingerprint" in state):
+            raise corrupt_file(state_loc.uri, ValueError("no fingerprint and settings"), OVERWRITE_HINT)
         return state
 
     def save_state(self, state: dict) -> None:
@@ -155,7 +172,7 @@ class PackOutput:
         while (name := shard_name(len(names))) + ".json" in journal and name in files and index_name(name) in files:
             names.append(name)
         def read(name: str) -> dict:
-            return json.loads((self.loc / PACK_DIR / split / (name + ".json")).read_bytes())
+            return (self.loc / PACK_DIR / split / (name + ".json")).read_json(OVERWRITE_HINT)
 
         if self.remote and len(names) > 1:
             with ThreadPoolExecutor(16) as pool:
@@ -213,9 +230,14 @@ class PackOutput:
 
         self._uploader.submit(upload)
 
-    def read_part(self, split: str, shard: str) -> bytes:
-        """The Parquet part (manifest rows and rejects) of a committed shard."""
-        return (self.loc / PACK_DIR / split / (shard + PART_SUFFIX)).read_bytes()
+    def read_part(self, split: str, shard: str) -> pa.Table:
+        """The Parquet part (manifest rows and rejects) of a committed shard; one line naming
+        it when it does not parse."""
+        loc = self.loc / PACK_DIR / split / (shard + PART_SUFFIX)
+        try:
+            return pq.read_table(pa.BufferReader(loc.read_bytes()))
+        except pa.ArrowException as err:
+            raise corrupt_file(loc.uri, err, OVERWRITE_HINT) from None
 
     def uncommit(self, split: str, records: list[dict]) -> None:
         """Withdraw the last committed shards of a split (`records`, a tail of its journal) so
@@ -223,8 +245,7 @@ class PackOutput:
         then their records from the last one, so the journal stays a prefix of the plan, and
         their shards."""
         (self.loc / MANIFEST_FILE).delete()
-        state_loc = self.loc / PACK_DIR / STATE_FILE
-        state = json.loads(state_loc.read_bytes()) if state_loc.is_file() else None
+        state = self.read_state()
         if state is not None and state.get("complete"):
             state["complete"] = False
             self.save_state(state)

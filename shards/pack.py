@@ -314,7 +314,7 @@ def _part_table(output: PackOutput, split: str, rec: dict) -> pa.Table:
         rows = [dict(zip(MANIFEST_SCHEMA.names, r), reason=None) for r in rec["rows"]]
         rows += [{"source": r[0], "split": r[1], "reason": r[2]} for r in rec.get("rejects", [])]
         return pa.Table.from_pylist(rows, schema=PART_SCHEMA)
-    return pq.read_table(pa.BufferReader(output.read_part(split, rec["shard"])))
+    return output.read_part(split, rec["shard"])
 
 
 def _write_outputs(output: PackOutput, tree: SourceTree, splits: tuple[str, ...], records: dict[str, list[dict]],

@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from PIL import Image
 
 from shards.index import index_bytes, parse_index
-from shards.layouts import IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, SHARDS_FILE, SPLITS, TAR_SUFFIX
+from shards.layouts import IDX_SUFFIX, IMAGE_EXT, LABEL_EXT, MANIFEST_FILE, REPACK, SHARDS_FILE, SPLITS, TAR_SUFFIX
 from shards.location import Location, check_reachable, resolve
 from shards.upload import read_hashed
 
@@ -138,7 +137,7 @@ def _check_local(tar: Path, where: str, expected: dict[str, tuple], listed: tupl
 
 
 def _read_parquet(loc: Location, columns: list[str]) -> list[dict]:
-    return pq.read_table(loc.path, columns=columns, filesystem=loc.fs).to_pylist()
+    return loc.read_parquet(columns, REPACK).to_pylist()
 
 
 def verify(shards_dir: str | os.PathLike, workers: int | None = None) -> VerifyReport:

@@ -36,6 +36,8 @@ def bucket_objects(server: S3Server, uri: str) -> dict[str, bytes]:
     client, found = s3(server), {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/") or obj["Key"] == prefix.rstrip("/"):
+                continue  # a folder marker (pyarrow keeps one where the store-check probe was deleted)
             found[obj["Key"][len(prefix):]] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
     return found
 

@@ -78,3 +78,102 @@ class LocalS3:
 
 
 S3Server = LocalS3  # the tests' name
+
+
+class FramingStore:
+    """An S3-compatible store that keeps the SDK's chunk framing: a loopback proxy in front of
+    a `LocalS3` that passes every request on, except that a body sent with
+    `Content-Encoding: aws-chunked` (the AWS SDKs' default since 2025: chunk sizes, the data,
+    a trailing CRC checksum) is stored as it came, framing and all, the way s3rver and other
+    stores that do not decode it do. Everything else (listing, ranged reads, multipart) is the
+    real moto server's answer.
+
+    `mode="truncate"` models a store that damages bodies some other way (drops the last byte
+    of every upload), which no setting fixes."""
+
+    def __init__(self, upstream: LocalS3, mode: str = "framing") -> None:
+        self.upstream, self.mode = upstream, mode
+        self.framed_bodies = 0  # uploads that arrived aws-chunked (and were kept so)
+        self._server = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> FramingStore:
+        import http.client
+        import http.server
+        import threading
+
+        store = self
+        hop = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    out = b""
+                    while (size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)) > 0:
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return out
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _forward(self) -> None:
+                body = self._body()
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+                encoding = headers.get("Content-Encoding", headers.get("content-encoding", ""))
+                if body and self.command == "PUT":
+                    if "aws-chunked" in encoding.lower():  # keep the framing as the object's bytes
+                        store.framed_bodies += 1
+                        headers = {k: v for k, v in headers.items()
+                                   if not k.lower().startswith(("x-amz-checksum", "x-amz-sdk-checksum",
+                                                                "x-amz-trailer", "x-amz-decoded-content-length",
+                                                                "content-encoding", "content-md5"))}
+                        headers["x-amz-content-sha256"] = "UNSIGNED-PAYLOAD"
+                    if store.mode == "truncate":
+                        body = body[:-1]
+                        headers = {k: v for k, v in headers.items()
+                                   if not k.lower().startswith(("x-amz-checksum", "content-md5"))}
+                        headers["x-amz-content-sha256"] = "UNSIGNED-PAYLOAD"
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection("127.0.0.1", store.upstream.port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in hop:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)) if self.command != "HEAD"
+                                 else resp.getheader("Content-Length", "0"))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="framing-store", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def env(self) -> dict[str, str]:
+        return {**self.upstream.env(), "AWS_ENDPOINT_URL": self.endpoint}
+
+    def new_bucket(self, prefix: str = "t") -> str:
+        return self.upstream.new_bucket(prefix)
