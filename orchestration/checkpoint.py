@@ -36,7 +36,7 @@ from torch import nn
 from orchestration.config import from_dict
 from orchestration.distributed import unwrap
 from orchestration.run_dir import ray_checkpoints, run_location
-from shards.location import Location
+from shards.location import Location, corrupt_file
 
 KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "config")
 # Step checkpoints add where the run stands and every rank's own state (resume.py).
@@ -195,6 +195,8 @@ def report(metrics: dict[str, Any], *, rank: int, save: bool, model: nn.Module,
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         t1 = time.perf_counter()
         _upload(metrics, checkpoint, name, run, size)
+        if rank == 0 and run.remote:  # never logged as saved when the store holds other bytes
+            (run / name / FILE).check_stored(size)
         if rank == 0:
             log.info("checkpoint %s: %.1f MB, written in %.2fs, reported in %.2fs (upload and barrier)",
                      name, size / 2**20, t_write, time.perf_counter() - t1)
@@ -214,8 +216,15 @@ def restore() -> dict[str, Any] | None:
             check_room(Path(checkpoint.path).parent, info.size, f"the checkpoints after {name}",
                        "stopped before training on")
     t0 = time.perf_counter()
+    where = f"{checkpoint.path.rstrip('/')}/{FILE}"
+    if not isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        where = f"{checkpoint.filesystem.type_name}://{where}"
     with checkpoint.as_directory() as folder:  # remote: downloaded once per node, then removed
-        state = load_checkpoint(Path(folder) / FILE)
+        try:
+            state = load_checkpoint(Path(folder) / FILE)
+        except (RuntimeError, ValueError, EOFError, OSError) as err:  # torch.load of changed bytes
+            raise corrupt_file(where, err, "Ray's newest checkpoint of this run cannot be loaded; delete its "
+                               "folder and Ray's record, or start another --set name=...") from None
     log.info("checkpoint %s loaded in %.2fs", name, time.perf_counter() - t0)
     return state
 

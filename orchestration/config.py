@@ -13,7 +13,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from shards.layouts import SPLITS, TAR_SUFFIX
-from shards.location import check_reachable, normalise, resolve
+from shards.location import check_reachable, is_remote, normalise, resolve
 
 # Keys that must be in the YAML file (the contract's keys); the rest have defaults.
 REQUIRED = ("name", "storage_path", "shards_dir", "model", "epochs", "batch_size", "workers", "use_gpu")
@@ -135,6 +135,9 @@ class TrainConfig:
             raise ValueError("warmup_epochs: not used with schedule 'plateau' (the paper's rule); set it to 0")
         if self.label_smoothing >= 1:
             raise ValueError(f"label_smoothing: must be < 1, got {self.label_smoothing}")
+        if is_remote(self.cache_dir):
+            raise ValueError(f"cache_dir: {self.cache_dir!r} is a store; the shard cache is a folder on each node "
+                             "(a path, '' for ~/.cache/alexnet-dali/shards, or none to stream from the store)")
 
     @property
     def elastic(self) -> bool:

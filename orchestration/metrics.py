@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shards.location import Location
+from shards.location import Location, corrupt_file
 
 COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5", "skipped_samples",
            "world_size", "images_per_s_per_worker", "dali_cpu_util", "rss_mb", "dali_device_mb")
@@ -28,9 +28,13 @@ SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64())]
 # (device memory outside torch's allocator; null on CPU); images_per_s_per_worker is on every row.
 
 
-def read_metrics(loc: Location) -> pa.Table:
-    """metrics.parquet at `loc` (a local file or an object)."""
-    return pq.read_table(pa.BufferReader(loc.read_bytes()))
+def read_metrics(loc: Location, way_out: str = "delete it") -> pa.Table:
+    """metrics.parquet at `loc` (a local file or an object); CorruptFile naming it and
+    `way_out` when it does not parse."""
+    try:
+        return pq.read_table(pa.BufferReader(loc.read_bytes()))
+    except pa.ArrowException as err:
+        raise corrupt_file(loc.uri, err, way_out) from None
 
 
 class MetricsLog:

@@ -4,7 +4,7 @@
 What is in it:
 - ours, written by rank 0, each object complete or absent (`Location.write_bytes`):
   `summary.json` (the run finished), `state.json` (starts, banked training seconds),
-  `metrics.parquet`, `curves.png`;
+  `metrics.parquet`, `curves.png` (each upload's size checked: `Location.check_stored`);
 - Ray Train's: `checkpoint_manager_snapshot.json` (its record of the kept checkpoints, what
   `ray.train.get_checkpoint()` hands out on a restart or a re-run) and one folder per kept
   checkpoint, `epoch-NNNN/checkpoint.pt`, uploaded before Ray registers it.
@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from shards.location import Location, check_reachable, resolve
+from shards.location import Location, resolve
+from shards.store_check import StoreCheck, require
 
 SUMMARY = "summary.json"
 STATE = "state.json"
@@ -31,10 +32,37 @@ def run_location(run_dir: str) -> Location:
     return resolve(run_dir)
 
 
-def check_storage(storage_path: str) -> None:
-    """Fail early, in one line (StorageError), when `storage_path` is a bucket that cannot be
-    used: missing, endpoint unreachable, credentials refused or missing, access denied."""
-    check_reachable(resolve(storage_path))
+def check_storage(storage_path: str) -> StoreCheck:
+    """Fail early, in one line (StorageError), when `storage_path` cannot be used: a bucket
+    missing, endpoint unreachable, credentials refused or missing, access denied, or a store
+    that does not keep the bytes written (`shards.store_check`: a store that keeps the SDK's
+    chunk framing gets the settings that fix it, for this process; `applied` says so)."""
+    return require(resolve(storage_path))
+
+
+def _way_out(run: Location, what: str) -> str:
+    return f"{what}, or pick another --set name=... (or delete {run.uri} to train the run afresh)"
+
+
+# Our files and Ray's in a run directory, what each holds if deleted: checked before Ray starts.
+_RUN_FILES = {
+    STATE: "delete it (the run's start count and banked time restart; checkpoints are kept)",
+    SUMMARY: "delete it to train the run again",
+    RAY_SNAPSHOT: "it is Ray Train's record of the checkpoints",
+}
+
+
+def check_run_files(run: Location) -> None:
+    """CorruptFile, one line naming the file and the way out, when a file of an earlier start
+    of this run does not parse (a store that changed bytes, a hand edit); never a traceback
+    from Ray's controller or a worker later on."""
+    for name, what in _RUN_FILES.items():
+        if (run / name).is_file():
+            (run / name).read_json(_way_out(run, what))
+    if (run / METRICS).is_file():
+        from orchestration.metrics import read_metrics
+
+        read_metrics(run / METRICS, _way_out(run, "delete it (the curves restart from the next epoch)"))
 
 
 def ray_storage(storage_path: str) -> dict[str, Any]:
@@ -45,9 +73,10 @@ def ray_storage(storage_path: str) -> dict[str, Any]:
 
 
 def read_json(loc: Location) -> Any | None:
-    """The JSON object at `loc`, or None when there is none."""
+    """The JSON object at `loc`, or None when there is none (CorruptFile naming it when it
+    does not parse)."""
     try:
-        return json.loads(loc.read_text())
+        return loc.read_json(_way_out(resolve(loc.parent_uri), _RUN_FILES.get(loc.name, "delete it")))
     except FileNotFoundError:
         return None
 

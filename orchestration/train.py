@@ -41,11 +41,19 @@ from orchestration.preemption import install_preemption
 from orchestration.ray_metrics import TrainMetrics
 from orchestration.resume import Callback, Position, Saver, StepHooks, restore
 from orchestration.run_book import RunBook
-from orchestration.run_dir import METRICS, check_storage, ray_storage, read_summary, run_location
+from orchestration.run_dir import (
+    METRICS,
+    check_run_files,
+    check_storage,
+    ray_storage,
+    read_summary,
+    run_location,
+)
 from orchestration.schedule import LrSchedule, peak_lr
 from orchestration.step_window import Totals, Window
 from pipeline.usage import DaliThreads, memory_mb
 from shards.location import StorageError
+from shards.store_check import applied_settings
 
 log = logging.getLogger("train")
 
@@ -264,10 +272,12 @@ def start_ray() -> None:
 
     if ray.is_initialized():
         return
+    # the storage pre-flight's checksum settings reach the controller and every worker
+    env = {"runtime_env": {"env_vars": applied_settings()}} if applied_settings() else {}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, **env)
     else:
-        ray.init(address="local", dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+        ray.init(address="local", dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **env)
 
 
 def print_summary(summary: dict, run_dir: str) -> None:
@@ -283,12 +293,15 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
     args = parse_args(argv)
     try:  # everything a user can get wrong, in one line, before Ray starts
         cfg = load_config(args.config, args.set)
-        check_storage(cfg.storage_path)
+        store = check_storage(cfg.storage_path)  # reachable, and it keeps the bytes written
         check_shards(cfg)
-        run = run_location(cfg.run_dir)
+        run = run_location(cfg.run_dir)  # resolved after the check: a client with its settings
+        check_run_files(run)
         summary = read_summary(run)
     except (ValueError, FileNotFoundError, StorageError) as err:
         raise SystemExit(f"error: {err}") from None
+    if store.applied:
+        print(store.line())
     print("config: " + json.dumps(cfg.to_dict()))
     if summary is not None:
         print(f"run {cfg.name} already finished (delete {run} or pick another --set name=... to train again)")
