@@ -41,14 +41,15 @@ def check_storage(storage_path: str) -> StoreCheck:
 
 
 def _way_out(run: Location, what: str) -> str:
-    return f"{what}, or pick another --set name=... (or delete {run.uri} to train the run afresh)"
+    afresh = f"pick another --set name=..., or delete {run.uri} to train the run afresh"
+    return f"{what}; or {afresh}" if what else afresh
 
 
 # Our files and Ray's in a run directory, what each holds if deleted: checked before Ray starts.
 _RUN_FILES = {
     STATE: "delete it (the run's start count and banked time restart; checkpoints are kept)",
     SUMMARY: "delete it to train the run again",
-    RAY_SNAPSHOT: "it is Ray Train's record of the checkpoints",
+    RAY_SNAPSHOT: "",  # Ray Train's record of the checkpoints: the run cannot resume without it
 }
 
 

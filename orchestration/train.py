@@ -53,7 +53,7 @@ from orchestration.schedule import LrSchedule, peak_lr
 from orchestration.step_window import Totals, Window
 from pipeline.usage import DaliThreads, memory_mb
 from shards.location import StorageError
-from shards.store_check import applied_settings
+from shards.store_check import applied_settings, settings_line
 
 log = logging.getLogger("train")
 
@@ -302,6 +302,11 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
         raise SystemExit(f"error: {err}") from None
     if store.applied:
         print(store.line())
+        import ray
+
+        if ray.is_initialized():  # its workers were started without the settings: their uploads would be changed
+            raise SystemExit(f"error: {cfg.storage_path}: the store needs {settings_line()} in every Ray process, "
+                             "and Ray was started before this check; export both, then start Ray")
     print("config: " + json.dumps(cfg.to_dict()))
     if summary is not None:
         print(f"run {cfg.name} already finished (delete {run} or pick another --set name=... to train again)")

@@ -43,8 +43,7 @@ class CorruptFile(StorageError):
 def corrupt_file(uri: str, err: BaseException, way_out: str) -> CorruptFile:
     """One line: the file, that it does not parse (and the parser's first words), the way out."""
     detail = " ".join(str(err).split())[:120]
-    return CorruptFile(f"{uri}: corrupt, not the file this project wrote ({type(err).__name__}: {detail}); "
-                       f"{way_out}")
+    return CorruptFile(f"{uri}: corrupt, not as it was written ({type(err).__name__}: {detail}); {way_out}")
 
 
 def is_uri(location: str | os.PathLike) -> bool:

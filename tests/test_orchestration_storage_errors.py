@@ -57,3 +57,28 @@ def test_storage_and_shards_errors_are_one_line_before_ray_starts(s3_server, s3_
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on port 9
     unreachable = one_line_error(tiny_config(tmp_path, f"{s3_bucket}/runs", demo_shards))
     assert "cannot reach the storage endpoint" in unreachable and "http://127.0.0.1:9" in unreachable
+
+
+@pytest.mark.parametrize("name", ["state.json", "summary.json", "checkpoint_manager_snapshot.json", "metrics.parquet"])
+def test_a_run_file_a_store_changed_is_named_with_the_way_out_before_ray_starts(name, s3_server, s3_bucket,
+                                                                               demo_shards, tmp_path, monkeypatch,
+                                                                               no_ray):
+    """What a store that kept the SDK's chunk framing leaves in a run directory (the object as
+    it was sent aws-chunked) stops the re-run in one line naming the object, not a traceback."""
+    from helpers.s3_server import FramingStore
+
+    from shards.location import resolve
+    from shards.store_check import CHECKSUM_SETTINGS
+
+    for key in CHECKSUM_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
+    store = FramingStore(s3_server).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", store.endpoint)
+        (resolve(f"{s3_bucket}/runs/tiny") / name).write_bytes(b'{"starts": 1, "elapsed_s": 3.0}\n', verify=False)
+    finally:
+        store.stop()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)  # the re-run, on a store that keeps bytes
+    message = one_line_error(tiny_config(tmp_path, f"{s3_bucket}/runs", demo_shards))
+    assert message.startswith(f"error: {s3_bucket}/runs/tiny/{name}: corrupt, not as it was written")
+    assert "pick another --set name=" in message and f"delete {s3_bucket}/runs/tiny" in message

@@ -18,6 +18,17 @@ import pyarrow.fs as pafs
 KEY_ID, SECRET = "testing-key", "testing-secret"
 
 
+def terminate(proc: subprocess.Popen | None) -> None:
+    """Stop a server process: SIGTERM, then SIGKILL after 10 s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class LocalS3:
     """moto's S3 server (`moto_server`) on a free port of 127.0.0.1, in a child process.
@@ -52,13 +63,7 @@ class LocalS3:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def env(self) -> dict[str, str]:
         """The AWS variables that point pyarrow, DALI and child processes at this server."""
@@ -177,3 +182,56 @@ class FramingStore:
 
     def new_bucket(self, prefix: str = "t") -> str:
         return self.upstream.new_bucket(prefix)
+
+
+def s3rver_command() -> list[str] | None:
+    """How to start s3rver (the Node S3 server that keeps chunk framing), or None: `$S3RVER`
+    (its `bin/s3rver.js` or the `.bin/s3rver` link), else `s3rver` on PATH; `node` is needed."""
+    import shutil
+
+    node = shutil.which("node")
+    found = os.environ.get("S3RVER") or shutil.which("s3rver")
+    if node is None or not found or not Path(found).exists():
+        return None
+    return [node, str(Path(found).resolve())]
+
+
+@dataclass
+class S3rver:
+    """s3rver 3.x on a free port of 127.0.0.1 with one bucket, its data in `root`."""
+
+    root: Path
+    bucket: str = "s3rver-bucket"
+    port: int = 0
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> S3rver:
+        command = s3rver_command()
+        if command is None:
+            raise RuntimeError("s3rver not found: set S3RVER to its bin/s3rver.js (npm install s3rver@3.7.1)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen([*command, "-d", str(self.root), "-a", "127.0.0.1", "-p", str(self.port), "-s",
+                                      "--configure-bucket", self.bucket],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError as err:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"s3rver did not start on {self.endpoint}") from err
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        terminate(self.proc)
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER",
+                "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
