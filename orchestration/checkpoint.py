@@ -36,7 +36,7 @@ from torch import nn
 from orchestration.config import from_dict
 from orchestration.distributed import unwrap
 from orchestration.run_dir import ray_checkpoints, run_location
-from shards.location import Location, corrupt_file
+from shards.location import Location, StorageError, corrupt_file
 
 KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "config")
 # Step checkpoints add where the run stands and every rank's own state (resume.py).
@@ -260,11 +260,14 @@ def failure_line(err: BaseException, run: Location) -> str:
     if full is None and disk is None:
         failures = getattr(err, "worker_failures", None) or {}
         inner = getattr(err, "controller_failure", None)
+        first = failures[min(failures)] if failures else inner
         if failures:
-            rank = min(failures)
-            what = f"rank {rank}: {type(failures[rank]).__name__}: {_first_line(failures[rank])}"
+            what = f"rank {min(failures)}: {type(first).__name__}: {_first_line(first)}"
         else:
             what = f"{type(inner).__name__}: {_first_line(inner)}" if inner is not None else _first_line(err)
+        if isinstance(first, (ValueError, StorageError)):  # a setting or a store to fix: not a passing fault
+            return (f"training failed ({what[:300]}); fix what it names first: then the same command resumes "
+                    f"from the newest checkpoint Ray registered in {run}")
         return (f"training failed ({what[:300]}); re-run the same command to resume from the newest "
                 f"checkpoint Ray registered in {run}")
     try:

@@ -32,7 +32,7 @@ from torch import nn
 
 from orchestration import checkpoint
 from orchestration.compute import prepare, setup_compute
-from orchestration.config import TrainConfig, check_shards, from_dict, load_config
+from orchestration.config import TrainConfig, check_shards, describe_keys, from_dict, load_config, valid_keys
 from orchestration.distributed import all_reduce_sum, sync_buffers, unwrap
 from orchestration.ledger import SampleLedger
 from orchestration.loaders import make_loaders
@@ -43,13 +43,14 @@ from orchestration.resume import Callback, Position, Saver, StepHooks, restore
 from orchestration.run_book import RunBook
 from orchestration.run_dir import (
     METRICS,
+    SUMMARY,
     check_run_files,
     check_storage,
     ray_storage,
     read_summary,
     run_location,
 )
-from orchestration.schedule import LrSchedule, peak_lr
+from orchestration.schedule import LrSchedule, lr_at, peak_lr
 from orchestration.step_window import Totals, Window
 from pipeline.usage import DaliThreads, memory_mb
 from shards.location import StorageError
@@ -258,11 +259,27 @@ def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
 
 # ---------------------------------------------------------------- the driver
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train AlexNet on Ray Train (DALI input pipeline).")
+    p = argparse.ArgumentParser(description="Train AlexNet on Ray Train (DALI input pipeline).",
+                                epilog=describe_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (repeatable), e.g. --set epochs=2")
-    return p.parse_args(argv)
+                   help="override one config key (repeatable), e.g. --set epochs=2 --set lr=1e-3")
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        p.error(_set_hint(extra))
+    return args
+
+
+def _set_hint(extra: list[str]) -> str:
+    """`--epochs 3` -> the line that says to write `--set epochs=3`."""
+    flag, _, value = extra[0].partition("=")
+    key = flag.lstrip("-").replace("-", "_")
+    if not value and len(extra) > 1 and not extra[1].startswith("--"):
+        value = extra[1]
+    if flag.startswith("--") and key in valid_keys():
+        return f"{' '.join(extra[:2]) if value and '=' not in extra[0] else extra[0]}: config keys are set with " \
+               f"--set: --set {key}={value or '...'}"
+    return f"unrecognized arguments: {' '.join(extra)} (config keys: --set key=value; --help lists them)"
 
 
 def start_ray() -> None:
@@ -288,11 +305,41 @@ def print_summary(summary: dict, run_dir: str) -> None:
     print(f"run directory: {run_dir}")
 
 
+def continue_line(cfg: TrainConfig, done: int) -> str:
+    """What raising `epochs` on a run that finished `done` epochs does, the lr included."""
+    before = lr_at(cfg.model_copy(update={"epochs": done}), cfg.global_batch, float(done), 0.0)
+    after = lr_at(cfg, cfg.global_batch, float(done), 0.0)
+    lr = ("the lr stays where the plateau rule left it" if cfg.schedule == "plateau" else
+          f"the {cfg.schedule} schedule now spans {cfg.epochs} epochs, so the lr goes from {before:.3g} "
+          f"(the end of epoch {done}) to {after:.3g} for epoch {done + 1}")
+    return f"run {cfg.name} finished {done} epochs; continuing to {cfg.epochs} from its last checkpoint: {lr}"
+
+
+def check_placement(cfg: TrainConfig) -> None:
+    """An embedded local Ray (no RAY_ADDRESS) on a machine that can never place `workers`
+    (one CPU each, and one GPU each with use_gpu): one line, instead of Ray's retries."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    need = cfg.min_workers
+    if cfg.use_gpu:
+        gpus = torch.cuda.device_count()
+        if gpus < need:
+            raise ValueError(f"workers: {list(cfg.workers) if cfg.elastic else cfg.workers} needs {need} GPU(s) "
+                             f"(use_gpu: true), this machine has {gpus}; lower workers, set use_gpu: false, or "
+                             "join a cluster (RAY_ADDRESS)")
+        return
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < need:
+        raise ValueError(f"workers: {list(cfg.workers) if cfg.elastic else cfg.workers} needs {need} CPUs (one per "
+                         f"worker), this machine has {cpus}; lower workers or join a cluster (RAY_ADDRESS)")
+
+
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
     """The command; `callbacks` run on every worker after each checkpoint (tests inject faults)."""
     args = parse_args(argv)
     try:  # everything a user can get wrong, in one line, before Ray starts
         cfg = load_config(args.config, args.set)
+        check_placement(cfg)
         store = check_storage(cfg.storage_path)  # reachable, and it keeps the bytes written
         check_shards(cfg)
         run = run_location(cfg.run_dir)  # resolved after the check: a client with its settings
@@ -308,10 +355,14 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
             raise SystemExit(f"error: {cfg.storage_path}: the store needs {settings_line()} in every Ray process, "
                              "and Ray was started before this check; export both, then start Ray")
     print("config: " + json.dumps(cfg.to_dict()))
-    if summary is not None:
-        print(f"run {cfg.name} already finished (delete {run} or pick another --set name=... to train again)")
+    if summary is not None and cfg.epochs <= summary["epochs"]:
+        print(f"run {cfg.name} already finished {summary['epochs']} epochs (raise --set epochs=N to continue it; "
+              f"delete {run} or pick another --set name=... to train again)")
         print_summary(summary, cfg.run_dir)
         return 0
+    if summary is not None:  # a finished run with more epochs asked: it continues from its last checkpoint
+        print(continue_line(cfg, summary["epochs"]))
+        (run / SUMMARY).delete()  # the run trains again; its summary comes at the new end
 
     import ray.train
     from ray.train.torch import TorchTrainer

@@ -4,7 +4,7 @@ at a checkpoint: tests/e2e/test_full_disk.py.)"""
 from __future__ import annotations
 
 from orchestration.checkpoint import StorageFull, failure_line
-from shards.location import resolve
+from shards.location import ChangedUpload, resolve
 
 
 def test_failure_line_names_a_full_disk_anywhere_else_the_first_failing_rank(tmp_path):
@@ -27,3 +27,9 @@ def test_failure_line_names_a_full_disk_anywhere_else_the_first_failing_rank(tmp
     full = StorageFull(f"{run}: No space left on device (ENOSPC) for x")
     line = failure_line(WorkerGroupError("...", {1: full}), run)
     assert line.startswith(f"checkpoint storage full: {run}: No space left on device (ENOSPC) for x. ")
+    # a setting or a store to fix is never "re-run the same command" alone
+    for cause in (ValueError("model: 'resnet50' is not one of alexnet"),
+                  ChangedUpload(f"{run}/epoch-0001/checkpoint.pt: the store holds 10 bytes where 9 were written")):
+        line = failure_line(WorkerGroupError("...", {0: cause}), run)
+        assert "fix what it names first: then the same command resumes" in line, line
+        assert "re-run the same command to resume" not in line
