@@ -1,5 +1,6 @@
-"""Where a worker computes: its device and CPU threads, and the model made ready for it
-(memory format, DDP through Ray Train, the optional bf16 gradient all-reduce)."""
+"""Where a worker computes: its device and CPU threads, the model made ready for it (memory
+format, DDP through Ray Train, the optional bf16 gradient all-reduce) and its precision
+(autocast: bf16 on GPU and CPU, fp16 with a GradScaler on GPU)."""
 from __future__ import annotations
 
 import logging
@@ -49,3 +50,16 @@ def compress_gradients_bf16(model: nn.Module) -> None:
         return bf16_compress_hook(state, bucket)
 
     model.register_comm_hook(None, bf16_allreduce)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """The forward pass's precision: bf16 autocast on either device (CPU: oneDNN's bf16
+    kernels), fp16 autocast on CUDA (the config refuses fp16 on CPU workers), else fp32."""
+    dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=cfg.precision != "fp32")
+
+
+def grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
+    """fp16's loss scaling (the small gradients fp16 would flush to zero); a pass-through
+    otherwise. Its scale is not checkpointed: after a resume it re-grows in a few steps."""
+    return torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")

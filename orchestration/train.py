@@ -24,14 +24,14 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from orchestration import checkpoint
-from orchestration.compute import prepare, setup_compute
+from orchestration.compute import autocast, grad_scaler, prepare, setup_compute
 from orchestration.config import TrainConfig, check_shards, describe_keys, from_dict, load_config, valid_keys
 from orchestration.distributed import all_reduce_sum, sync_buffers, unwrap
 from orchestration.ledger import SampleLedger
@@ -75,10 +75,6 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
-def autocast(cfg: TrainConfig, device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and device.type == "cuda")
-
-
 @dataclass
 class Ctx:
     """What train_one_epoch/evaluate need besides model and data."""
@@ -91,6 +87,7 @@ class Ctx:
     gauges: TrainMetrics | None = None  # Ray's Prometheus endpoint, every rank
     dali_threads: DaliThreads | None = None  # the train loader's DALI pool (None: the torch baseline)
     clock: Callable[[], float] = time.perf_counter  # what step and wait times are read from
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
 
 
 # ---------------------------------------------------------------- one epoch
@@ -119,8 +116,9 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         with autocast(cfg, ctx.device):
             loss = criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        ctx.scaler.scale(loss).backward()  # fp16: a scaled loss, unscaled before the step; else a no-op
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
         pos.advance(cfg.batch_size * ctx.world_size)
         window.add(loss, labels.numel(), t1 - t0)
         if pos.step % cfg.log_every == 0 or pos.epoch_step == len(loader):
@@ -225,7 +223,8 @@ def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     metrics = MetricsLog(run / METRICS, pos.epoch, pos.step, world_size) if rank == 0 else None
     ctx = Ctx(cfg, device, rank, world_size, metrics, TrainMetrics(rank),
-              DaliThreads(data.train.settings["num_threads"]) if cfg.backend == "dali" else None)
+              DaliThreads(data.train.settings["num_threads"]) if cfg.backend == "dali" else None,
+              scaler=grad_scaler(cfg, device))
     ledger = SampleLedger(run, rank, book.attempt, cfg.audit_samples)
     saver = Saver(cfg, rank, world_size, model, optimizer, schedule, data.train, ledger, metrics)
     hooks = StepHooks(cfg, saver, ledger, book, resumed=pos, callbacks=callbacks)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from orchestration.compute import grad_scaler
 from orchestration.config import from_dict
 from orchestration.resume import Position
 from orchestration.schedule import LrSchedule
@@ -70,21 +71,41 @@ class NoCheckpoints:
         pass
 
 
-def run_epoch(loader, device: torch.device, log_every: int, arm=lambda: None) -> dict:
+def run_epoch(loader, device: torch.device, log_every: int, arm=lambda: None, precision: str = "fp32",
+              model: nn.Module | None = None) -> dict:
     """One epoch of a small conv net; `arm()` runs after the set-up, right before the loop."""
     cfg = from_dict({"name": "t", "storage_path": "/tmp/r", "shards_dir": "/tmp/s", "model": "alexnet-bn",
                      "epochs": 1, "batch_size": BATCH, "workers": 1, "use_gpu": device.type == "cuda",
-                     "log_every": log_every, "lr": 0.01})
+                     "log_every": log_every, "lr": 0.01, "precision": precision})
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).to(device)
+    model = model or small_net().to(device)
     optimizer = make_optimizer(cfg, model)
     schedule = LrSchedule(cfg, optimizer, BATCH, STEPS * BATCH)
     ctx = Ctx(cfg, device, rank=0, world_size=1, log_rows=None,
-              clock=loader.clock if getattr(loader, "clock", None) is not None else time.perf_counter)
+              clock=loader.clock if getattr(loader, "clock", None) is not None else time.perf_counter,
+              scaler=grad_scaler(cfg, device))
     arm()
     return train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, schedule, 1, Position(), ctx,
                            NoCheckpoints())
+
+
+def small_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_on_cpu_is_what_the_config_says(precision, dtype):
+    """bf16 on a CPU worker autocasts the forward (it used to be fp32 without a word); the
+    weights the optimizer steps stay fp32. (fp16 on CPU is refused by the config.)"""
+    device, model, seen = torch.device("cpu"), small_net(), []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    before = model[0].weight.detach().clone()
+    figures = run_epoch(SlowLoader(0.0, device, FakeClock(0.001)), device, log_every=4, precision=precision,
+                        model=model)
+    assert set(seen) == {dtype} and len(seen) == STEPS
+    assert model[0].weight.dtype == torch.float32 and not torch.equal(model[0].weight, before)
+    assert figures["loss"] > 0
 
 
 def test_data_wait_is_the_time_blocked_on_the_loader():
