@@ -4,6 +4,7 @@
     python -m bench.loader --shards DIR    # the user's own shards (a path or an s3:// URI)
     python -m bench.loader --quick         # about a minute: the same JSON, fewer rounds
     python -m bench.loader --shards DIR --s3   # add the object-storage part on those shards
+    python -m bench.loader --peers         # add the peers side by side (SPDL, LitData, pillow-simd; bench.peers)
 
 All figures of one shard set are measured in the same rounds, interleaved (see
 `bench.timing`): the decode bound (PIL and DALI's CPU decoder alone, per core;
@@ -43,6 +44,7 @@ from bench.loader.profile import PROFILE_STAGES, build_stage
 from bench.loader.report import markdown, plot, table, write_json
 from bench.loader.staging import StagingBench, stage_remote_set
 from bench.timing import Source, loader_source, measure_interleaved, pipeline_source, time_passes
+from bench.views import shard_view
 from shards.location import is_remote
 
 SCHEMA = 2  # 2: ratios per policy (rrc, paper, val) at all cores, pairs, rebuild
@@ -143,32 +145,6 @@ def loader_configs(settings: Settings, cores: int, gpu: bool, reduced: bool = Fa
     if gpu:
         out += [(f"dali gpu {p} {count(cores, 'thread')}",
                  dict(backend="dali", device="cuda", **graphs[p], num_threads=cores)) for p in POLICIES]
-    return out
-
-
-def shard_view(shards_dir: Path, out: Path, splits: dict[str, str], min_samples: int | None = None) -> Path:
-    """A shard set under `out` made of symlinks into `shards_dir`: for each `{split: from_split}`,
-    the tars of `from_split` (the first ones holding at least `min_samples`, or all), and the
-    set files (classes, stats; the manifest and shards.parquet too where no split is renamed,
-    as they are keyed by split). The loaders resolve the links, so they read the very same
-    files, with their indexes beside them."""
-    from pipeline.shardset import open_split
-    from shards.layouts import MANIFEST_FILE, SHARDS_FILE, split_tars
-
-    renamed = any(split != source for split, source in splits.items())
-    out.mkdir(parents=True, exist_ok=True)
-    for item in Path(shards_dir).iterdir():
-        if item.is_file() and not (renamed and item.name in (MANIFEST_FILE, SHARDS_FILE)):
-            (out / item.name).symlink_to(item.resolve())
-    for split, source in splits.items():
-        counts = open_split(shards_dir, source).counts
-        (out / split).mkdir()
-        total = 0
-        for tar, n in zip(split_tars(Path(shards_dir), source), counts):
-            (out / split / tar.name).symlink_to(tar.resolve())
-            total += n
-            if min_samples is not None and total >= min_samples:
-                break
     return out
 
 
@@ -454,6 +430,14 @@ def run(args: argparse.Namespace) -> dict:
               for side, e in results["pairs"][primary].get(p, {}).items() if side != "dali_gpu" or p == "rrc"]
     results["end_to_end"] = end_to_end(corpora[primary][0], chosen, settings, progress)
     results["ratios"] = compute_ratios(results, primary)
+    if args.peers:
+        from bench.peers.run import QUICK_PEERS, PeerSettings, bench_peers
+
+        peer_settings = replace(QUICK_PEERS, crop_size=settings.crop_size) if args.quick else PeerSettings(
+            batch_size=settings.batch_size, crop_size=settings.crop_size, repeats=settings.repeats)
+        resize_dir = corpora["full"][0] if "full" in corpora else None
+        results["peers"], results["peers_run"] = bench_peers(corpora[primary][0], peer_settings, cores, progress,
+                                                             resize_dir=resize_dir)
     out_dir = Path(args.out)
     png = plot(results, out_dir / "bench.png")
     results["png"] = str(png)
@@ -484,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s3", action="store_true",
                         help="with --shards DIR: also read them staged from and streamed from a local S3 server "
                              "(always on for the default corpus)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time SPDL, LitData and the baseline on pillow-simd beside DALI and torch, "
+                             "each in a side environment the bench installs (`make bench PEERS=1`)")
     parser.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     parser.add_argument("--data", default="data/bench", help="where the generated corpus is cached")
     parser.add_argument("--batch-size", type=int, help="override the batch size (default 64; quick 16)")

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from bench.figures import POLICIES, policy
+from bench.peers import report as peers_report
 
 
 def write_json(results: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -87,6 +88,7 @@ def table(results: dict) -> str:
         cells = [results["ratios"][keys[p]] if p in keys else None for p in POLICIES]
         lines.append(f"{'ratio':<7} {row:<46} " + " ".join(f"{c if c is not None else 'n/a':>9}" for c in cells))
     lines += [f"s3      {line}" for line in staging_lines(results.get("staging") or {})]
+    lines += [f"peers   {line}" for line in peers_report.lines(results)]
     return "\n".join(lines)
 
 
@@ -164,6 +166,7 @@ def markdown(results: dict) -> str:
                 "back to back):", ""] + [f"- {line}" for line in lines]
     if lines := staging_lines(results.get("staging") or {}):
         out += ["", "Object storage (local S3 server, `bench.loader.staging`):", ""] + [f"- {line}" for line in lines]
+    out += peers_report.markdown(results)
     return "\n".join(out) + "\n"
 
 
@@ -176,9 +179,11 @@ def plot(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     corpora = list(results["decode_bound"])
-    panels = len(corpora) + (1 if results["end_to_end"] else 0)
+    peers = bool(results.get("peers"))
+    panels = len(corpora) + (1 if results["end_to_end"] else 0) + peers
     per_panel = [[r for r in rows(results) if r[0] == c] for c in corpora]
-    heights = [max(2.0, 0.32 * len(p) + 1.0) for p in per_panel] + ([2.0] if results["end_to_end"] else [])
+    heights = [max(2.0, 0.32 * len(p) + 1.0) for p in per_panel] + ([2.0] if results["end_to_end"] else []) \
+        + ([max(2.0, 0.5 * len(results.get("peers") or {}) + 1.0)] if peers else [])
     fig, axes = plt.subplots(panels, 1, figsize=(10, sum(heights)), gridspec_kw={"height_ratios": heights},
                              squeeze=False)
     colours = {"decode": "#888888", "loader": "#1f77b4", "profile": "#9ecae1"}
@@ -214,8 +219,10 @@ def plot(results: dict, path: Path) -> Path:
         ax.set_xlabel("images/s (median of rounds; whiskers min-max); [CPU ms per image]")
         ax.set_title(f"corpus {corpus}: {results['corpora'][corpus]['label']}", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
+    if peers:
+        peers_report.plot_panel(axes[-1, 0], results)
     if results["end_to_end"]:
-        ax = axes[-1, 0]
+        ax = axes[len(corpora), 0]
         names = list(results["end_to_end"])
         shares = [results["end_to_end"][n]["data_wait_share"]["overall"] * 100 for n in names]
         ax.barh(range(len(names)), shares, color="#ff7f0e")
