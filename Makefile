@@ -52,9 +52,10 @@ test: setup
 test-e2e: setup
 	$(PY) -m pytest -q --durations=10 tests/e2e
 
-# `make bench` uses its own cached corpus; `make bench SHARDS_DIR=...` measures the user's shards.
+# `make bench` uses its own cached corpus; `make bench SHARDS_DIR=...` measures the user's shards;
+# `make bench PEERS=1` adds SPDL, LitData and pillow-simd side by side (installed by the bench, beside .venv).
 bench: setup
-	$(PY) -m bench.loader $(if $(filter command line environment,$(origin SHARDS_DIR)),--shards $(SHARDS_DIR))
+	$(PY) -m bench.loader $(if $(filter command line environment,$(origin SHARDS_DIR)),--shards $(SHARDS_DIR)) $(if $(PEERS),--peers)
 
 cluster-up: setup
 	@bash orchestration/cluster/local-up.sh
