@@ -23,7 +23,7 @@ from shards.location import check_reachable, is_remote, normalise, resolve
 REQUIRED = ("name", "storage_path", "shards_dir", "model", "epochs", "batch_size", "workers", "use_gpu")
 # Keys holding locations (a path or a URI, DESIGN.md "Locations"): relative paths resolve
 # against the launch cwd (Ray workers run elsewhere); URIs stay as written.
-PATH_KEYS = ("storage_path", "shards_dir")
+PATH_KEYS = ("storage_path", "shards_dir", "init_from")
 
 
 
@@ -252,7 +252,7 @@ def from_dict(raw: dict[str, Any], origin: str = "config", base_dir: Path | None
         raise ValueError(f"{origin}: missing key(s) {', '.join(missing)} (required: {', '.join(REQUIRED)})")
     values = dict(raw)
     for key in PATH_KEYS:
-        if isinstance(values[key], str):
+        if isinstance(values.get(key), str) and values[key]:
             values[key] = normalise(values[key], base_dir)
     try:
         return TrainConfig(**values)

@@ -234,3 +234,22 @@ def wait_until_registered() -> None:
     import ray.train
 
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def start_from(model, target: str) -> str:
+    """`init_from`: the weights of a trained checkpoint (a file, its folder or a run directory,
+    local or a URI) copied into a fresh `model`, every tensor whose name and shape match;
+    the rest (a classifier for another number of classes) keeps its initialisation. Returns
+    a line saying what was taken. Only the weights: optimizer, schedule and data start anew."""
+    from orchestration.artifacts import load_trained
+
+    source, state = load_trained(target)
+    mine = unwrap(model).state_dict()
+    taken = {k: v for k, v in state["model"].items() if k in mine and mine[k].shape == v.shape}
+    if not taken:
+        raise ValueError(f"init_from: {source}: none of its tensors fit {state['config'].get('model')!r} "
+                         f"weights into this model; is it a checkpoint of the same network?")
+    unwrap(model).load_state_dict(taken, strict=False)
+    left = sorted(set(mine) - set(taken))
+    return (f"init_from {source}: {len(taken)} of {len(mine)} tensors"
+            + (f"; kept fresh: {', '.join(left)}" if left else ""))

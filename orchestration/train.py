@@ -39,7 +39,7 @@ from orchestration.loaders import make_loaders
 from orchestration.metrics import MetricsLog, fmt_pct
 from orchestration.preemption import install_preemption
 from orchestration.ray_metrics import TrainMetrics
-from orchestration.resume import Callback, Position, Saver, StepHooks, restore
+from orchestration.resume import Callback, Position, Saver, StepHooks, restore, start_from
 from orchestration.run_book import RunBook
 from orchestration.run_dir import (
     METRICS,
@@ -52,8 +52,9 @@ from orchestration.run_dir import (
 )
 from orchestration.schedule import LrSchedule, lr_at, peak_lr
 from orchestration.step_window import Totals, Window
+from orchestration.tracking import Tracker, check_mlflow, step_scalars
 from pipeline.usage import DaliThreads, memory_mb
-from shards.location import StorageError
+from shards.location import StorageError, resolve
 from shards.store_check import applied_settings, settings_line
 
 log = logging.getLogger("train")
@@ -88,6 +89,9 @@ class Ctx:
     dali_threads: DaliThreads | None = None  # the train loader's DALI pool (None: the torch baseline)
     clock: Callable[[], float] = time.perf_counter  # what step and wait times are read from
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    tracker: Tracker | None = None  # TensorBoard, train.log, MLflow (rank 0)
+    total_steps: int = 0  # the run's steps at this world size: the console's step/total and ETA
+    since: tuple[float, int] | None = None  # (clock, step) at this start's first logged step
 
 
 # ---------------------------------------------------------------- one epoch
@@ -147,12 +151,29 @@ def log_window(window: Window, mine: Totals, epoch: int, pos: Position, optimize
     total = Totals(*sums[:4])
     figures = total.rates(ctx.world_size)
     if ctx.log_rows is not None:  # usage: the mean over ranks
+        means = {k: None if v is None else s / ctx.world_size for (k, v), s in zip(usage.items(), sums[4:])}
         ctx.log_rows.log_step(epoch, pos.step, figures["loss"], current_lr(optimizer), figures["images_per_s"],
-                              figures["data_wait"], **{k: None if v is None else s / ctx.world_size
-                                                       for (k, v), s in zip(usage.items(), sums[4:])})
-        log.info("epoch %d step %d  loss %.4f  lr %.5f  %.0f img/s  data-wait %s", epoch, pos.step,
-                 figures["loss"], current_lr(optimizer), figures["images_per_s"], fmt_pct(figures["data_wait"]))
+                              figures["data_wait"], **means)
+        if ctx.tracker is not None:
+            ctx.tracker.scalars(pos.step, step_scalars(figures, current_lr(optimizer), means))
+        log.info("epoch %d step %d/%d  loss %.4f  lr %.5f  %.0f img/s  data-wait %s  %s", epoch, pos.step,
+                 ctx.total_steps, figures["loss"], current_lr(optimizer), figures["images_per_s"],
+                 fmt_pct(figures["data_wait"]), eta(ctx, pos.step))
     return total
+
+
+def eta(ctx: Ctx, step: int) -> str:
+    """`ETA 12m05s` for the steps left, at this start's pace so far (validation not included)."""
+    now = ctx.clock()
+    if ctx.since is None:
+        ctx.since = (now, step)
+        return "ETA -"
+    t0, s0 = ctx.since
+    if step <= s0 or now <= t0:
+        return "ETA -"
+    left = max(0, ctx.total_steps - step) * (now - t0) / (step - s0)
+    minutes, seconds = divmod(int(left), 60)
+    return f"ETA {minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"ETA {minutes}m{seconds:02d}s"
 
 
 def loader_usage(ctx: Ctx) -> dict[str, float | None]:
@@ -206,6 +227,9 @@ def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
+    for name in list(logging.root.manager.loggerDict):  # Ray Train's per-report line (a logger named by its file)
+        if "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
     install_preemption()  # SIGTERM: a checkpoint at the next step, then a restart from it
     device = setup_compute(cfg, context.get_local_world_size())
     torch.manual_seed(cfg.seed + rank)
@@ -217,14 +241,18 @@ def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
     data = make_loaders(cfg, rank, world_size, device, epoch=pos.epoch)
 
     global_batch = cfg.batch_size * world_size  # the lr schedule runs on samples seen, whatever the shape
-    model = prepare(build_model(cfg.model, num_classes=data.num_classes), cfg, world_size)
+    model = build_model(cfg.model, num_classes=data.num_classes)
+    if ckpt is None and cfg.init_from:  # a new run from trained weights (a resumed one has its own)
+        log.info(start_from(model, cfg.init_from))
+    model = prepare(model, cfg, world_size)
     optimizer = make_optimizer(cfg, unwrap(model))
     schedule = LrSchedule(cfg, optimizer, global_batch, data.train_size)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     metrics = MetricsLog(run / METRICS, pos.epoch, pos.step, world_size) if rank == 0 else None
     ctx = Ctx(cfg, device, rank, world_size, metrics, TrainMetrics(rank),
               DaliThreads(data.train.settings["num_threads"]) if cfg.backend == "dali" else None,
-              scaler=grad_scaler(cfg, device))
+              scaler=grad_scaler(cfg, device), tracker=Tracker(cfg, run, rank),
+              total_steps=cfg.epochs * len(data.train))
     ledger = SampleLedger(run, rank, book.attempt, cfg.audit_samples)
     saver = Saver(cfg, rank, world_size, model, optimizer, schedule, data.train, ledger, metrics)
     hooks = StepHooks(cfg, saver, ledger, book, resumed=pos, callbacks=callbacks)
@@ -251,9 +279,13 @@ def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
         log.info("epoch %d/%d  train loss %.3f  val loss %.3f  top-1 %s  top-5 %s  %.0f img/s  data-wait %s  %.0fs",
                  epoch, cfg.epochs, train["loss"], val["val_loss"], fmt_pct(val["top1"]), fmt_pct(val["top5"]),
                  train["images_per_s"], fmt_pct(train["data_wait"]), time.perf_counter() - t_epoch)
+        ctx.tracker.scalars(pos.step, {"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["val_loss"],
+                                       "train/epoch_loss": train["loss"]})
+        ctx.tracker.flush()
         hooks.after_epoch(epoch, pos, {"epoch": epoch, "step": pos.step, **train, **val})
 
     book.finish(metrics, f"{cfg.name}: {cfg.model}, {world_size} worker(s)", data.train_size)
+    ctx.tracker.close()
 
 
 # ---------------------------------------------------------------- the driver
@@ -339,10 +371,13 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
     try:  # everything a user can get wrong, in one line, before Ray starts
         cfg = load_config(args.config, args.set)
         check_placement(cfg)
+        check_mlflow(cfg)
         store = check_storage(cfg.storage_path)  # reachable, and it keeps the bytes written
         check_shards(cfg)
         run = run_location(cfg.run_dir)  # resolved after the check: a client with its settings
         check_run_files(run)
+        if cfg.init_from and not resolve(cfg.init_from).exists():
+            raise FileNotFoundError(f"init_from: {cfg.init_from}: no such checkpoint or run directory")
         summary = read_summary(run)
     except (ValueError, FileNotFoundError, StorageError) as err:
         raise SystemExit(f"error: {err}") from None
@@ -377,7 +412,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
         run_config=ray.train.RunConfig(
             name=cfg.name, **ray_storage(cfg.storage_path),  # Ray's files and ours: one resolver
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),  # Ray Train's per-report INFO lines
     )
     try:
         result = trainer.fit()
