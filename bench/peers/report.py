@@ -107,7 +107,7 @@ def plot_panel(ax, results: dict) -> None:
         med = [r[split]["median"] for r in table]
         err = [[r[split]["median"] - r[split]["min"] for r in table], [r[split]["max"] - r[split]["median"]
                                                                         for r in table]]
-        ax.barh([y + offset for y in ys], med, height=0.4, xerr=err, capsize=2, label=split,
+        ax.barh([y + offset for y in ys], med, height=0.4, xerr=err, capsize=2,
                 color=["#d62728" if n == "dali" else colour for n in names])
         for y, r in zip(ys, table):
             if r["loader"] != "dali" and r[f"over_{split}"]:
@@ -118,4 +118,7 @@ def plot_panel(ax, results: dict) -> None:
     ax.set_xlabel("images/s, train (upper bar) and val (lower bar); [train CPU ms per image, peak RSS]")
     ax.set_title(f"peers side by side on {results['peers_run']['cores']} cores (each loader in its own process)",
                  fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="#d62728", label="DALI CPU (train, val)"), Patch(color="#1f77b4", label="train"),
+                       Patch(color="#9ecae1", label="val")], fontsize=7, loc="lower right")
