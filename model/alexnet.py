@@ -62,13 +62,28 @@ class AlexNetConfig:
         return max(1, round(paper * self.width))
 
 
+def check_input(x: torch.Tensor, min_crop: int) -> None:
+    """ValueError for an input below the smallest crop (`min_crop` is passed in: TorchScript
+    does not read module globals)."""
+    h, w = x.shape[-2], x.shape[-1]
+    if h < min_crop or w < min_crop:
+        raise ValueError(f"AlexNet needs inputs of at least {min_crop}x{min_crop}, got ({h}, {w})")
+
+
 class AlexNet(nn.Module):
-    """The paper's AlexNet; `forward` returns logits (softmax lives in the loss)."""
+    """The paper's AlexNet; `forward` returns logits (softmax lives in the loss).
+
+    `forward` is scriptable (`torch.jit.script`): it reads only `Final` attributes, never the
+    module globals or `config` (TorchScript constants, set in `__init__`).
+    """
+
+    __constants__ = ["min_crop", "batch_norm"]
 
     def __init__(self, config: AlexNetConfig = AlexNetConfig()) -> None:
         super().__init__()
         self.config = config
         g, bn = config.groups, config.norm == "bn"
+        self.min_crop, self.batch_norm = MIN_CROP, bn
         c1, c2, c3, c4, c5 = (config.channels(c) for c in (96, 256, 384, 384, 256))
         fc = config.channels(4096)
         # A conv followed by BatchNorm needs no bias: BN's shift replaces it.
@@ -100,23 +115,20 @@ class AlexNet(nn.Module):
             init_kaiming(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] < MIN_CROP or x.shape[-2] < MIN_CROP:
-            raise ValueError(f"AlexNet needs inputs of at least {MIN_CROP}x{MIN_CROP}, got {tuple(x.shape[-2:])}")
-        x = self.pool1(self._conv_block(self.conv1, self.norm1, x))
-        x = self.pool2(self._conv_block(self.conv2, self.norm2, x))
-        x = self._conv_block(self.conv3, self.norm3, x)
-        x = self._conv_block(self.conv4, self.norm4, x)
-        x = self.pool5(self._conv_block(self.conv5, self.norm5, x))
+        check_input(x, self.min_crop)
+        # The paper normalises (LRN) after the ReLU; BatchNorm goes between conv and ReLU.
+        bn = self.batch_norm
+        x = self.conv1(x)
+        x = self.pool1(self.relu(self.norm1(x)) if bn else self.norm1(self.relu(x)))
+        x = self.conv2(x)
+        x = self.pool2(self.relu(self.norm2(x)) if bn else self.norm2(self.relu(x)))
+        x = self.relu(self.norm3(self.conv3(x)))  # norm3-5: BatchNorm, or Identity with LRN
+        x = self.relu(self.norm4(self.conv4(x)))
+        x = self.pool5(self.relu(self.norm5(self.conv5(x))))
         x = torch.flatten(self.avgpool(x), 1)
         x = self.drop6(self.relu(self.norm6(self.fc6(x))))
         x = self.drop7(self.relu(self.norm7(self.fc7(x))))
         return self.fc8(x)
-
-    def _conv_block(self, conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # The paper normalises after the ReLU; BatchNorm goes between conv and ReLU.
-        if self.config.norm == "bn":
-            return self.relu(norm(conv(x)))
-        return norm(self.relu(conv(x)))
 
 
 def init_paper(model: AlexNet) -> None:
@@ -157,8 +169,11 @@ class TorchvisionAlexNet(nn.Module):
     default, as in torchvision.
     """
 
+    __constants__ = ["min_crop"]
+
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5) -> None:
         super().__init__()
+        self.min_crop = MIN_CROP
         self.features = nn.Sequential(
             nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2),
             nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2),
@@ -174,7 +189,6 @@ class TorchvisionAlexNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] < MIN_CROP or x.shape[-2] < MIN_CROP:
-            raise ValueError(f"AlexNet needs inputs of at least {MIN_CROP}x{MIN_CROP}, got {tuple(x.shape[-2:])}")
+        check_input(x, self.min_crop)
         x = torch.flatten(self.avgpool(self.features(x)), 1)
         return self.classifier(x)
