@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.crop is not None and args.format != "onnx":
+        parser.error("--crop applies to --format onnx only (the other formats take any crop)")
     if args.crop is not None and args.crop < MIN_CROP:
         parser.error(f"--crop must be at least {MIN_CROP}, got {args.crop}")
     try:

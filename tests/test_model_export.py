@@ -158,6 +158,9 @@ def test_the_cli_says_what_is_wrong_in_one_line(tmp_path: Path, capsys: pytest.C
     assert main(["export", "s3://bucket/runs/demo", "--out", str(tmp_path / "w.pt")]) == 2
     assert "reads a local checkpoint; copy it here first" in capsys.readouterr().err
     assert not (tmp_path / "w.pt").exists()
+    with pytest.raises(SystemExit):  # weights keep the crop the run trained at
+        main(["export", str(tmp_path), "--out", str(tmp_path / "w.pt"), "--crop", "224"])
+    assert "--crop applies to --format onnx only" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- weights
