@@ -20,6 +20,8 @@ fails, hangs or crashes DALI records that and the next one runs:
   model    AlexNet and AlexNet-BN bf16 forward+backward images/s, channels_last off and on
   e2e      a few hundred training steps on the loader: data-wait share, device memory
   rebuild  10 short epochs of the train loader: per-epoch start-up cost, device memory
+  peers    DALI `mixed` rrc against nvImageCodec and SPDL nvJPEG decode + the same rrc in torch
+           (`bench.gpu_peers`; a peer whose wheel is not there is left out with the reason)
   pytest   every `gpu`-marked test
 It writes `gpu-check.json` (after every step) and `gpu-check.log` (everything printed,
 timestamped) under `--out`, and prints a table at the end. `--smoke`, and any machine
@@ -107,9 +109,10 @@ STEPS = (
     Step("model", 25, needs_corpus=False),
     Step("e2e", 40),
     Step("rebuild", 35),
+    Step("peers", 45, cuda_only=True),
     Step("pytest", 110, needs_corpus=False),
 )
-DEFAULT_BUDGET_S = 450  # all steps' caps (445 s); the install comes before: under 8 min in all
+DEFAULT_BUDGET_S = 495  # all steps' caps (490 s); the install comes before: under 9 min in all
 
 
 class Skip(Exception):
@@ -585,9 +588,22 @@ def step_pytest(ctx: dict) -> dict:
     return result
 
 
+def step_peers(ctx: dict) -> dict:
+    """The GPU peers (issue 27) against DALI `mixed`, at the check's batch and crop."""
+    from bench.gpu_peers import measure
+
+    s = _sizes(ctx)
+    out = measure(Path(ctx["corpus"]["shards_256"]), s.batch, s.crop, ctx["threads"], s.decode_images, s.warmup,
+                  s.window, s.repeats)
+    if not out["loaders"]:
+        raise Skip("no GPU peer imports here: " + "; ".join(f"{n}: {why}" for n, why in out["skipped"].items()))
+    return out
+
+
 STEP_FUNCS: dict[str, Callable[[dict], dict]] = {
     "machine": step_machine, "corpus": step_corpus, "decoder": step_decoder, "auto": step_auto,
-    "graphs": step_graphs, "model": step_model, "e2e": step_e2e, "rebuild": step_rebuild, "pytest": step_pytest,
+    "graphs": step_graphs, "model": step_model, "e2e": step_e2e, "rebuild": step_rebuild, "peers": step_peers,
+    "pytest": step_pytest,
 }
 
 

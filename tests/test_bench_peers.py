@@ -199,3 +199,23 @@ def test_install_reports_the_telling_line_and_orders_the_path(tmp_path) -> None:
     spdl = PeerEnv("spdl", tmp_path / "spdl", False, "1", "how")
     assert simd.pythonpath().split(":") == [str(tmp_path / "simd"), str(ROOT)]
     assert spdl.pythonpath().split(":") == [str(ROOT), str(tmp_path / "spdl")]
+
+
+def test_the_gpu_peers_step_names_the_peers_it_cannot_run(demo_shards) -> None:
+    """Here neither nvImageCodec nor SPDL imports in this process (SPDL lives in its side
+    environment): `make gpu-check`'s peers step gets both reasons and times nothing."""
+    from bench.gpu_peers import PEERS, measure
+
+    out = measure(demo_shards, BATCH, CROP, 2, 32, 1, 1, 1, progress=lambda _: None)
+    assert out["loaders"] == {} and set(out["skipped"]) == set(PEERS)
+    assert all(why for why in out["skipped"].values())
+
+
+def test_the_gpu_rrc_work_gives_the_crop_normalised() -> None:
+    from bench.gpu_peers import gpu_rrc
+
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((64, 80), (90, 60))]
+    mean, std = torch.full((1, 3, 1, 1), 127.5), torch.full((1, 3, 1, 1), 64.0)
+    out = gpu_rrc(images, CROP, np.random.default_rng(0), mean, std)
+    assert out.shape == (2, 3, CROP, CROP) and out.dtype == torch.float32
+    assert -2.0 <= float(out.min()) and float(out.max()) <= 2.0

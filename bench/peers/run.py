@@ -128,6 +128,8 @@ def bench_peers(shards_dir: Path, settings: PeerSettings, cores: int, progress, 
             mads[n] = {"stored_set": mad_against_pil(work / f"{n}-val.npz", view, "val", settings.crop_size)}
         if resize_dir is not None:
             mads = resized_mads(resize_dir, measured, env_of, base, settings, work, progress, mads)
+        progress("peers: PIL's and SPDL's decode paths stage by stage, one thread (bench.peers.stages)")
+        stages = cpu_stages(view, settings, env_of.get("spdl", plain), logs / "stages.log")
     vers = versions(envs)
     peers = {}
     for n in measured:
@@ -152,13 +154,25 @@ def bench_peers(shards_dir: Path, settings: PeerSettings, cores: int, progress, 
         "shards_dir": str(shards_dir), "cores": cores, "settings": asdict(settings), "target": TARGET,
         "installs": {n: e.method for n, e in envs.items()}, "skipped": skipped,
         "install_dir": str(install_dir), "litdata_pack": pack, "same_samples": same_counts(checks),
-        "python_path_root": str(ROOT),
+        "python_path_root": str(ROOT), "stages": stages,
         "note": ("each loader runs in its own process (bench.peers.child) with threads/workers = cores; "
                  "peak_rss_mb: MiB, the sum of VmHWM over the loader's process and its workers; "
                  "no PCA lighting on any side (no peer has it)"),
     }
     run.update(compare(peers))
     return peers, run
+
+
+def cpu_stages(view: Path, settings: PeerSettings, env: PeerEnv, log: Path) -> dict:
+    """`bench.peers.stages` in a child with SPDL's environment (PIL alone where SPDL is not)."""
+    images = 32 if settings.repeats < 3 else 128
+    with log.open("ab") as err:
+        proc = subprocess.run([sys.executable, "-m", "bench.peers.stages", str(view), str(images),
+                               str(settings.crop_size)], stdout=subprocess.PIPE, stderr=err, text=True,
+                              env={**os.environ, "PYTHONPATH": env.pythonpath()}, timeout=600)
+    if proc.returncode != 0:
+        return {"error": f"bench.peers.stages exited {proc.returncode}; see {log}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def resized_mads(resize_dir: Path, measured: list[str], env_of: dict, base: dict, settings: PeerSettings,
