@@ -65,10 +65,14 @@ def find_corrupt(candidates: Sequence[SampleRef]) -> list[SampleRef]:
     """The candidates whose image does not decode: PIL first (fast, in-process), then DALI's
     own CPU decoder on the rest, in a child process (DALI 2.4 can crash a process that ran a
     pipeline into an undecodable image), bisecting a failing batch down to its bad samples."""
-    blobs = [read_image(r) for r in candidates]
+    return [candidates[i] for i in sorted(undecodable([read_image(r) for r in candidates]))]
+
+
+def undecodable(blobs: Sequence[bytes]) -> set[int]:
+    """The positions of the encoded images among `blobs` that PIL or DALI's CPU decoder
+    cannot decode (the same check as `find_corrupt`, on bytes from anywhere)."""
     bad = {i for i, b in enumerate(blobs) if not _pil_decodes(b)}
-    bad |= _dali_refuses(blobs, [i for i in range(len(blobs)) if i not in bad])
-    return [candidates[i] for i in sorted(bad)]
+    return bad | _dali_refuses(list(blobs), [i for i in range(len(blobs)) if i not in bad])
 
 
 def _pil_decodes(blob: bytes) -> bool:

@@ -175,3 +175,14 @@ def ten_crop_pipeline(tars, indexes, shard_id, num_shards, *, device, crop_size,
         for flip in (0, 1) for x, y in FIVE_CROPS
     ]
     return fn.stack(*views), labels, keys
+
+
+@pipeline_def(enable_conditionals=True)
+def files_pipeline(source, *, device, crop_size, resize_to, mean, std, dtype, hw_decoder_load=None):
+    """`python -m orchestration.predict`: encoded images handed in by `source` (a callable
+    returning a batch: a list of uint8 arrays) -> the val graph's `decode_centre` ->
+    normalise: what the network saw in val, for files outside any shard set."""
+    jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8)
+    images = decode_centre(jpegs, device, crop_size, resize_to, hw_decoder_load)
+    return fn.crop_mirror_normalize(images, mean=list(mean), std=list(std), dtype=DTYPES[dtype],
+                                    output_layout="CHW")
