@@ -179,9 +179,8 @@ def eta(ctx: Ctx, step: int) -> str:
 def loader_usage(ctx: Ctx) -> dict[str, float | None]:
     """This rank's loader since the last log step: its DALI threads' CPU use (a share of
     dali_threads cores) and memory (pipeline.usage)."""
-    rss, device_mb = memory_mb(ctx.device)
     util = ctx.dali_threads.utilisation() if ctx.dali_threads is not None else None
-    return {"dali_cpu_util": util, "rss_mb": rss, "dali_device_mb": device_mb}
+    return {"dali_cpu_util": util, **memory_mb(ctx.device)}
 
 
 @torch.no_grad()
@@ -236,6 +235,7 @@ def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
     random.seed(cfg.seed + rank)
     ckpt = checkpoint.restore()  # Ray hands every rank the same one: its newest registered checkpoint
     pos, run = Position.of(ckpt), run_location(cfg.run_dir)
+    tracker = Tracker(cfg, run, rank)  # from here rank 0's log also goes to <run_dir>/train.log
     book = RunBook(run, rank, world_size, pos, resumed=ckpt is not None, started=started)
 
     data = make_loaders(cfg, rank, world_size, device, epoch=pos.epoch)
@@ -251,7 +251,7 @@ def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
     metrics = MetricsLog(run / METRICS, pos.epoch, pos.step, world_size) if rank == 0 else None
     ctx = Ctx(cfg, device, rank, world_size, metrics, TrainMetrics(rank),
               DaliThreads(data.train.settings["num_threads"]) if cfg.backend == "dali" else None,
-              scaler=grad_scaler(cfg, device), tracker=Tracker(cfg, run, rank),
+              scaler=grad_scaler(cfg, device), tracker=tracker,
               total_steps=cfg.epochs * len(data.train))
     ledger = SampleLedger(run, rank, book.attempt, cfg.audit_samples)
     saver = Saver(cfg, rank, world_size, model, optimizer, schedule, data.train, ledger, metrics)
