@@ -82,3 +82,22 @@ def test_a_run_file_a_store_changed_is_named_with_the_way_out_before_ray_starts(
     message = one_line_error(tiny_config(tmp_path, f"{s3_bucket}/runs", demo_shards))
     assert message.startswith(f"error: {s3_bucket}/runs/tiny/{name}: corrupt, not as it was written")
     assert "pick another --set name=" in message and f"delete {s3_bucket}/runs/tiny" in message
+
+
+def test_what_can_be_checked_before_ray_is_checked_before_ray(demo_shards, tmp_path, no_ray):
+    """Workers this machine can never place, an init_from that is not there: one line, Ray
+    never started (they used to loop through Ray's retries, or fail in a worker)."""
+    import os
+
+    config = tiny_config(tmp_path, str(tmp_path / "runs"), demo_shards)
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--config", str(config), "--set", f"workers={cores + 14}"])
+    assert str(exc.value) == (f"error: workers: {cores + 14} needs {cores + 14} CPUs (one per worker), this machine "
+                              f"has {cores}; lower workers or join a cluster (RAY_ADDRESS)")
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--config", str(config), "--set", f"workers=[{cores + 1}, {cores + 4}]"])
+    assert f"needs {cores + 1} CPUs" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--config", str(config), "--set", "workers=1", "--set", f"init_from={tmp_path / 'nothing'}"])
+    assert str(exc.value) == f"error: init_from: {tmp_path / 'nothing'}: no such checkpoint or run directory"
