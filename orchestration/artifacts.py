@@ -18,15 +18,13 @@ from torch import nn
 from model.export import rebuild
 from orchestration.checkpoint import FILE, load_checkpoint
 from orchestration.run_dir import RAY_SNAPSHOT, ray_checkpoints
-from shards.location import Location, resolve
+from shards.location import Location, resolve, storage_error
 
 
 def find_checkpoint(target: str) -> Location:
     """The checkpoint file `target` names: itself, the `checkpoint.pt` in its folder, or a
     run directory's newest registered checkpoint."""
-    loc = resolve(target)
-    if loc.is_file():
-        return loc
+    loc = resolve(target)  # objects probed before folders: s3rver fails pyarrow's folder test of a run
     if (loc / FILE).is_file():
         return loc / FILE
     if (loc / RAY_SNAPSHOT).is_file():
@@ -35,12 +33,16 @@ def find_checkpoint(target: str) -> Location:
         ray_log.setLevel(logging.WARNING)
         try:
             kept = ray_checkpoints(loc)
+        except OSError as err:  # Ray reads its record itself: name the run, not Ray's frames
+            raise storage_error(err, loc.uri) from None
         finally:
             ray_log.setLevel(level)
         if not kept:
             raise FileNotFoundError(f"{loc}: Ray's record of this run holds no checkpoint yet; train it until an "
                                     f"epoch ends (checkpoint_every), or name a {FILE}")
         return loc / kept[-1] / FILE
+    if loc.is_file():
+        return loc
     if loc.is_dir():
         raise FileNotFoundError(f"{loc}: neither a run directory (no {RAY_SNAPSHOT}) nor a checkpoint folder "
                                 f"(no {FILE}); name <storage_path>/<name> of a run, or an epoch-NNNN folder in it")

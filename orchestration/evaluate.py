@@ -22,7 +22,7 @@ import torch
 
 from orchestration.artifacts import build_trained_model, load_trained
 from orchestration.config import TrainConfig, from_dict
-from shards.location import StorageError, resolve
+from shards.location import resolve
 
 EVAL_FILE = "eval.json"
 
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                   "crop_size": cfg.crop_size, "workers": args.workers}
         out = resolve(run_of(checkpoint)) / EVAL_FILE
         out.write_bytes((json.dumps(record, indent=2) + "\n").encode())
-    except (ValueError, FileNotFoundError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # StorageError and FileNotFoundError included: one line
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     protocol = "ten-crop" if record["ten_crop"] else "centre crop"
     print(f"{checkpoint}: top-1 {record['top1']:.2%}  top-5 {record['top5']:.2%}  on {record['samples']} val "

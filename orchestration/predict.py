@@ -23,7 +23,7 @@ import torch
 
 from orchestration.artifacts import build_trained_model, load_trained
 from shards.layouts import CLASSES_FILE, STATS_FILE
-from shards.location import StorageError, resolve
+from shards.location import resolve
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             errors[readable[j]] = "not an image the decoder can read (corrupt, or not JPEG/PNG)"
         good = [i for i in range(len(paths)) if i not in errors]
         probs = predict(state, [blobs[i] for i in good], mean, std)
-    except (ValueError, FileNotFoundError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # StorageError and FileNotFoundError included: one line
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     k = min(args.topk, probs.shape[1]) if len(good) else 0
     rows = dict(zip(good, probs.topk(k, dim=1)[0].tolist(), strict=True)) if good else {}
