@@ -15,7 +15,8 @@ fails, hangs or crashes DALI records that and the next one runs:
   corpus   a small ImageNet-like corpus drawn by the bench generator, packed at 256 (train,
            val) and at full size (train)
   decoder  the `mixed` decoder alone at hw_decoder_load 0 / 0.5 / 0.75 / 0.9 / 1.0 and DALI's default
-  auto     make_loader(..., num_threads="auto", hw_decoder_load="auto"): its choice and rate
+  auto     make_loader(..., num_threads="auto", hw_decoder_load="auto"): its choice and rate, and
+           the hardware JPEG decoder's utilisation meanwhile (NVML; `nvjpg_util`)
   graphs   the train (`rrc`, `paper`) and val loaders' images/s
   model    AlexNet and AlexNet-BN bf16 forward+backward images/s, channels_last off and on
   e2e      a few hundred training steps on the loader: data-wait share, device memory
@@ -281,7 +282,9 @@ def headline(name: str, r: dict) -> str:
     if name == "decoder":
         return "mixed 256: " + ", ".join(f"{k} {rate(v)}" for k, v in r["rates"]["256"].items())
     if name == "auto":
-        return f"chose threads {r['num_threads']}, hw load {r['hw_decoder_load']}: {rate(r['images_per_s'])}"
+        nvjpg = r.get("nvjpg_util")
+        busy = f", NVJPG busy {nvjpg['mean']:.0%} (max {nvjpg['max']:.0%})" if nvjpg else ""
+        return f"chose threads {r['num_threads']}, hw load {r['hw_decoder_load']}: {rate(r['images_per_s'])}{busy}"
     if name == "graphs":
         return ", ".join(f"{k} {rate(v['images_per_s'])}" for k, v in r["loaders"].items())
     if name == "model":
@@ -446,10 +449,48 @@ def step_auto(ctx: dict) -> dict:
     t0 = time.perf_counter()
     loader = _loader(ctx, **auto)  # probes before it returns (pipeline.tuning)
     made_s = time.perf_counter() - t0
-    timed = measure_interleaved([loader_source("auto", loader)], s.warmup, s.window, s.repeats, progress=print)
+    with NvjpgSampling(ctx["device"]) as nvjpg:  # is the hardware decoder busy at the share chosen?
+        timed = measure_interleaved([loader_source("auto", loader)], s.warmup, s.window, s.repeats, progress=print)
     return {"asked": auto, "num_threads": loader.settings["num_threads"],
             "hw_decoder_load": loader.settings["hw_decoder_load"], "tuning": loader.tuning,
-            "make_loader_s": round(made_s, 2), "images_per_s": timed["auto"]["images_per_s"]}
+            "make_loader_s": round(made_s, 2), "images_per_s": timed["auto"]["images_per_s"],
+            "nvjpg_util": nvjpg.summary()}
+
+
+class NvjpgSampling:
+    """NVML's hardware JPEG decoder utilisation (`pipeline.nvjpg`), read every 0.2 s on a
+    thread while the block runs: {mean, max, samples}, or None where it is not measured."""
+
+    def __init__(self, device: str) -> None:
+        import threading
+
+        import torch
+
+        from pipeline.nvjpg import NvjpgMeter
+
+        self.meter = NvjpgMeter(torch.device("cuda" if device == "cuda" else "cpu"))
+        self.values: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            if (value := self.meter.read()) is not None:
+                self.values.append(value)
+
+    def __enter__(self) -> NvjpgSampling:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict | None:
+        if not self.values:
+            return None
+        return {"mean": round(sum(self.values) / len(self.values), 3), "max": max(self.values),
+                "samples": len(self.values)}
 
 
 def step_graphs(ctx: dict) -> dict:
