@@ -5,7 +5,7 @@ before anything it installs is importable.
 DALI comes as wheel parts carried there beforehand (`../shared/tools/gpu-wheels plan`, put in
 /tmp/gw): `prepare_imports` reassembles them, pip-installs them (no index, no deps) into
 /tmp/site and runs the calling module again with /tmp/site on PYTHONPATH. The pure-Python
-packages the machine lacks (webdataset, braceexpand, tqdm) travel as `.gpu-wheels/extras`
+packages the machine lacks (webdataset, braceexpand, tqdm; pynvml for the NVJPG figure) travel as `.gpu-wheels/extras`
 (`bundle_extras`, here), put on PYTHONPATH the same way.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEELS = Path("/tmp/gw")
 SITE = Path("/tmp/site")
 EXTRAS = ROOT / ".gpu-wheels" / "extras"
-EXTRA_MODULES = ("webdataset", "braceexpand", "tqdm")  # pure Python; the lent machine lacks them
+EXTRA_MODULES = ("webdataset", "braceexpand", "tqdm", "pynvml")  # pure Python; the lent machine lacks them
 REEXEC_ENV = "GPU_CHECK_REEXEC"  # set on the re-run after installing: what the install did
 MIB = 2 ** 20
 
