@@ -10,7 +10,8 @@ cluster-up` fixes it) with Ray's `ray_` prefix, tagged by `rank` and `node`:
 | `ray_alexnet_train_step_s` | gauge | mean step time of the window |
 | `ray_alexnet_loader_images_per_s` | gauge | images delivered per second waited for (an upper bound) |
 | `ray_alexnet_loader_dali_cpu_util` | gauge | DALI pool threads' CPU time / (wall time x `dali_threads`) |
-| `ray_alexnet_loader_rss_mb` | gauge | the worker process's resident memory, MB |
+| `ray_alexnet_loader_mem_anon_mb` | gauge | anonymous resident memory of the worker, MB (a leak grows it) |
+| `ray_alexnet_loader_mem_file_mb` | gauge | file-backed resident memory, MB (mapped tars: up in a pass, down after) |
 | `ray_alexnet_loader_device_mb` | gauge | device memory outside torch's allocator (DALI's pools), MB |
 | `ray_alexnet_train_samples_total` | counter | samples this rank trained |
 | `ray_alexnet_val_top1`, `ray_alexnet_val_top5` | gauge | the last epoch's exact val accuracy (fractions) |
@@ -40,7 +41,10 @@ class TrainMetrics:
         self.step_s = gauge("alexnet_train_step_s", "mean step time, seconds")
         self.loader = gauge("alexnet_loader_images_per_s", "images the loader delivered per second waited")
         self.usage = {"dali_cpu_util": gauge("alexnet_loader_dali_cpu_util", "DALI pool CPU time / (wall x threads)"),
-                      "rss_mb": gauge("alexnet_loader_rss_mb", "resident memory of the worker, MB"),
+                      "mem_anon_mb": gauge("alexnet_loader_mem_anon_mb",
+                                           "anonymous resident memory of the worker (a leak grows it), MB"),
+                      "mem_file_mb": gauge("alexnet_loader_mem_file_mb",
+                                           "file-backed resident memory of the worker (mapped tars), MB"),
                       "dali_device_mb": gauge("alexnet_loader_device_mb",
                                               "device memory outside torch's allocator, MB")}
         self.val_top1 = gauge("alexnet_val_top1", "val top-1 of the last epoch")

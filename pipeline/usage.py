@@ -6,8 +6,9 @@
   reader, or the consumer). Read from /proc (Linux); None elsewhere. Threads of a pipeline
   torn down inside the window are not counted (their time is gone with them), so the window
   that holds an epoch's rebuild reads a little low.
-- `memory_mb(device)`: the process's resident memory and, on a GPU, the device memory in use
-  outside torch's allocator (DALI's pools, the CUDA context): what the pipeline holds there.
+- `memory_mb(device)`: the process's resident memory, anonymous and file-backed apart (DALI
+  maps the tars it reads, which a single RSS figure counts as if it were a leak), and, on a
+  GPU, the device memory in use outside torch's allocator (DALI's pools, the CUDA context).
 """
 from __future__ import annotations
 
@@ -65,20 +66,45 @@ def _thread_cpu_s(task: Path, tick: int) -> float:
     return (int(fields[11]) + int(fields[12])) / tick
 
 
-def rss_mib() -> float | None:
-    """This process's resident memory now (VmRSS of /proc/self/status), MiB; None without /proc."""
+def _status_kib(*fields: str) -> dict[str, int] | None:
     status = Path("/proc/self/status")
     if not status.is_file():
         return None
-    line = next((ln for ln in status.read_text().splitlines() if ln.startswith("VmRSS:")), None)
-    return round(int(line.split()[1]) / 1024, 1) if line else None
+    out = {}
+    for line in status.read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in fields:
+            out[name] = int(value.split()[0])
+    return out
 
 
-def memory_mb(device: torch.device) -> tuple[float | None, float | None]:
-    """(resident memory of this process, device memory in use outside torch's allocator) in MB;
-    the second is None on the CPU."""
-    rss = rss_mib()
-    if device.type != "cuda":
-        return rss, None
-    free, total = torch.cuda.mem_get_info(device)
-    return rss, (total - free - torch.cuda.memory_reserved(device)) / 2**20
+def rss_mib() -> float | None:
+    """This process's resident memory now (VmRSS of /proc/self/status), MiB; None without /proc."""
+    kib = _status_kib("VmRSS")
+    return round(kib["VmRSS"] / 1024, 1) if kib and "VmRSS" in kib else None
+
+
+def resident_split_mib() -> tuple[float | None, float | None]:
+    """(anonymous, file-backed) resident memory of this process now, MiB (/proc/self/status).
+
+    Anonymous is RssAnon + RssShmem: heap, pools, pinned buffers, shared memory, which only
+    freeing returns, and which grows with a leak. File-backed is RssFile: pages of mapped
+    files, here mostly the tars DALI maps whole while it reads them; it ramps by the bytes a
+    pass reads and drops when the pass ends, and the kernel may drop it under pressure. VmRSS
+    (their sum) therefore looks like a leak every epoch (issue 23). None without /proc."""
+    kib = _status_kib("RssAnon", "RssFile", "RssShmem")
+    if not kib or "RssAnon" not in kib:
+        return None, None
+    return round((kib["RssAnon"] + kib.get("RssShmem", 0)) / 1024, 1), round(kib.get("RssFile", 0) / 1024, 1)
+
+
+def memory_mb(device: torch.device) -> dict[str, float | None]:
+    """This process's memory in MB: `mem_anon_mb` and `mem_file_mb` (resident, anonymous and
+    file-backed: `resident_split_mib`) and `dali_device_mb`, the device memory in use outside
+    torch's allocator (DALI's pools, the CUDA context; None on the CPU)."""
+    anon, file = resident_split_mib()
+    out = {"mem_anon_mb": anon, "mem_file_mb": file, "dali_device_mb": None}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        out["dali_device_mb"] = (total - free - torch.cuda.memory_reserved(device)) / 2**20
+    return out

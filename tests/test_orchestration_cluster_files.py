@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "orchestration" / "cluster"
 METRICS = ("ray_alexnet_train_images_per_s", "ray_alexnet_train_data_wait", "ray_alexnet_train_step_s",
            "ray_alexnet_train_samples_total", "ray_alexnet_val_top1", "ray_alexnet_val_top5",
-           "ray_alexnet_loader_dali_cpu_util", "ray_alexnet_loader_rss_mb", "ray_alexnet_loader_device_mb")
+           "ray_alexnet_loader_dali_cpu_util", "ray_alexnet_loader_mem_anon_mb", "ray_alexnet_loader_mem_file_mb",
+           "ray_alexnet_loader_device_mb")
 
 
 def load_yaml(name: str) -> dict:

@@ -201,7 +201,7 @@ def test_metrics_resume_keeps_one_row_per_epoch(tmp_path: Path) -> None:
     table = pq.read_table(tmp_path / "metrics.parquet")
     assert table.column_names == ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5",
                                   "skipped_samples", "world_size", "images_per_s_per_worker", "dali_cpu_util",
-                                  "rss_mb", "dali_device_mb"]
+                                  "mem_anon_mb", "mem_file_mb", "dali_device_mb"]
     assert [r["epoch"] for r in resumed.epoch_rows()] == [1, 2]
     summary = summarize(resumed.epoch_rows(), wall_s=3.0, world_size=2, restarts=1)
     assert summary["top1"] == 0.6 and summary["images_per_s"] == 120.0 and summary["epochs"] == 2
@@ -215,7 +215,7 @@ def test_metrics_of_an_older_run_without_the_usage_columns_resume(tmp_path: Path
                     "top5": [None, 0.9], "skipped_samples": [None, 0], "world_size": [2, 2]})
     pq.write_table(old, tmp_path / "metrics.parquet")
     log = MetricsLog(resolve(tmp_path / "metrics.parquet"), resume_epoch=1, resume_step=10, world_size=2)
-    log.log_step(2, 15, 0.8, 0.1, 120.0, 0.1, dali_cpu_util=0.7, rss_mb=900.0)
+    log.log_step(2, 15, 0.8, 0.1, 120.0, 0.1, dali_cpu_util=0.7, mem_anon_mb=900.0, mem_file_mb=300.0)
     log.log_epoch(2, 20, 0.8, 0.1, 120.0, 0.1, 0.6, 0.95)
     rows = pq.read_table(tmp_path / "metrics.parquet").to_pylist()
     assert [r["dali_cpu_util"] for r in rows] == [None, None, 0.7, None]

@@ -117,9 +117,25 @@ def test_dali_thread_utilisation_is_cpu_over_wall_and_threads(monkeypatch) -> No
     assert clock.utilisation() == (1.5 + 0.5) / (2.0 * 2)  # a thread born in the window counts from 0
 
 
-def test_memory_figures() -> None:
-    rss, device = memory_mb(torch.device("cpu"))
-    assert rss > 50 and device is None
+def test_memory_is_told_anonymous_and_file_backed_apart(tmp_path) -> None:
+    """Issue 23: a mapped file (as DALI maps its tars) shows in mem_file_mb, not in mem_anon_mb,
+    which is what a leak grows."""
+    import mmap
+
+    before = memory_mb(torch.device("cpu"))
+    assert before["mem_anon_mb"] > 50 and before["mem_file_mb"] > 0 and before["dali_device_mb"] is None
+    size = 64 << 20
+    data = tmp_path / "mapped.bin"
+    data.write_bytes(bytes(size))
+    with open(data, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        touched = sum(m[i] for i in range(0, size, 4096))  # every page read, as a reader does
+        mapped = memory_mb(torch.device("cpu"))
+    assert touched == 0
+    assert mapped["mem_file_mb"] - before["mem_file_mb"] > 0.9 * size / 2**20
+    assert abs(mapped["mem_anon_mb"] - before["mem_anon_mb"]) < 0.1 * size / 2**20
+    held = bytearray(b"\1" * size)  # anonymous memory that stays: what a leak looks like
+    grown = memory_mb(torch.device("cpu"))
+    assert grown["mem_anon_mb"] - mapped["mem_anon_mb"] > 0.9 * size / 2**20 and held[-1] == 1
 
 
 @pytest.mark.gpu

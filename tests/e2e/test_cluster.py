@@ -19,7 +19,8 @@ from helpers.runs import MODEL, summary
 TRAIN = ["--set", f"model={MODEL}", "--set", "epochs=1", "--set", "batch_size=32", "--set", "crop_size=64",
          "--set", "log_every=2", "--set", "max_failures=0"]
 SERIES = ("ray_alexnet_train_images_per_s", "ray_alexnet_train_step_s", "ray_alexnet_train_samples_total",
-          "ray_alexnet_loader_images_per_s", "ray_alexnet_loader_rss_mb", "ray_alexnet_loader_dali_cpu_util",
+          "ray_alexnet_loader_images_per_s", "ray_alexnet_loader_mem_anon_mb", "ray_alexnet_loader_mem_file_mb",
+          "ray_alexnet_loader_dali_cpu_util",
           "ray_alexnet_train_data_wait", "ray_alexnet_val_top1", "ray_alexnet_val_top5")
 
 
@@ -47,7 +48,8 @@ def test_job_submission_on_a_token_authenticated_head(token_head, demo_shards, t
     # the training metrics on the head's Prometheus endpoint (ray.util.metrics, Ray's ray_ prefix)
     seen = scraped.values
     for name in ("ray_alexnet_train_images_per_s", "ray_alexnet_train_step_s", "ray_alexnet_train_samples_total",
-                 "ray_alexnet_loader_images_per_s", "ray_alexnet_loader_rss_mb"):
+                 "ray_alexnet_loader_images_per_s", "ray_alexnet_loader_mem_anon_mb",
+                 "ray_alexnet_loader_mem_file_mb"):
         assert max(seen.get(name, [0])) > 0, (name, sorted(seen))
     assert 0 <= min(seen["ray_alexnet_loader_dali_cpu_util"]) <= max(seen["ray_alexnet_loader_dali_cpu_util"]) <= 1.5
     assert "ray_alexnet_loader_device_mb" not in seen  # CPU workers: no device memory to report
