@@ -7,8 +7,8 @@ row of a step at or before a registered checkpoint is on storage. A restart resu
 checkpoint at step S: the rows of steps after S were rolled back (the model it resumes has
 not seen them), and `rollback` deletes the files of earlier attempts that reach past S
 (checkpoints are taken at the same steps on every rank, so a file never straddles S).
-After the run, `pyarrow.parquet.read_table("<run_dir>/samples")` is exactly one row per
-sample per step the final model was trained on.
+After the run the dataset is exactly one row per sample per step the final model was
+trained on; `python -m orchestration.audit RUN_DIR` checks it epoch by epoch in bounded memory.
 """
 from __future__ import annotations
 
