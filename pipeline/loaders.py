@@ -158,6 +158,8 @@ class DaliLoader(EpochLoader):
         self._prior: list[int] = []  # positions handed out before the restart this pass resumed from
         self._sources: list[tuple[str, str]] = []  # (tar, key) of each sample handed out since
         self._where: dict[tuple[str, str], int] | None = None  # (tar, key) -> position, once per pass
+        self._tars_checked: set[int] = set()  # tars of the pass under way whose images were decode-checked
+        self._part_tars: list[int] = []  # the tars of the pass under way
 
     def __iter__(self) -> Iterator[tuple]:
         epoch = self._next_epoch()
@@ -192,6 +194,10 @@ class DaliLoader(EpochLoader):
                     raise CorruptSample(f"{self.spec.data.uri}: rank {self.spec.rank} skipped {len(self._excluded)} "
                                         f"corrupt samples in epoch {epoch}, more than its part can spare; re-pack "
                                         "the shards (python -m shards verify names them)") from None
+                if self._check_hashes(epoch):  # raises with on_corrupt="error"
+                    self._failed.append(it)
+                    it = self._open(epoch, None)  # the rest of the pass without the samples found
+                    continue
                 n = min(left, self.spec.batch_size, int(out["images"].shape[0]))
                 left -= n
                 images = out["images"][:n]
@@ -231,20 +237,37 @@ class DaliLoader(EpochLoader):
         return self._live
 
     def _check_part(self, epoch: int) -> None:
-        """Before DALI reads a tar of this pass: one whose bytes differ from shards.parquet has
-        its images decode-checked, and a corrupt one stops the pass here (on_corrupt="error")
-        or is left out ("skip"). DALI 2.4's CPU pipeline can crash the process on an image it
-        cannot decode, so corrupt samples must not reach it."""
+        """Before DALI reads a tar of this pass: one known to differ from shards.parquet (its
+        size, or a sha256 the background hasher found wrong) has its images decode-checked,
+        and a corrupt one stops the pass here (on_corrupt="error") or is left out ("skip").
+        The other tars are hashed in the background while the pass reads them
+        (`pipeline.integrity`); `_check_hashes` acts on what that finds between batches."""
+        self._tars_checked, self._part_tars = set(), [i for i, _, _ in self.spec.part_files(epoch)]
+        self.spec.data.check(self._part_tars)  # each tar's header and index, once per process
+        self._check_tars(epoch, self.spec.data.unverified(self._part_tars))
+
+    def _check_hashes(self, epoch: int) -> bool:
+        """Between batches: tars of this pass whose background sha256 came out wrong are
+        checked as `_check_part` checks them; True when that left samples out (the pipeline
+        must be rebuilt without them)."""
+        found = [i for i in self.spec.data.hash_failures(self._part_tars) if i not in self._tars_checked]
+        before = len(self._excluded)
+        self._check_tars(epoch, found)
+        return len(self._excluded) > before
+
+    def _check_tars(self, epoch: int, tar_ids: list[int]) -> None:
         spec = self.spec
         parts = {i: (first, end) for i, first, end in spec.part_files(epoch)}
-        for i in spec.data.unverified(list(parts)):
+        for i in tar_ids:
+            self._tars_checked.add(i)
             tar = str(spec.data.tars[i])
             bad = find_corrupt(index_samples(spec.data.indexes[i], tar))  # the whole tar: ranks agree
             if not bad and spec.on_corrupt == "error":
-                raise CorruptSample(f"{tar}: its bytes differ from shards.parquet (sha256) though its images "
+                raise CorruptSample(f"{tar}: its bytes differ from shards.parquet (size or sha256) though its images "
                                     f"decode; run `python -m shards verify {spec.data.uri}` and re-pack it")
             if not bad:
-                log.warning("%s: bytes differ from shards.parquet (sha256), every image decodes; reading it", tar)
+                log.warning("%s: bytes differ from shards.parquet (size or sha256), every image decodes; reading it",
+                            tar)
             mine = {r.key for r in index_samples(spec.data.indexes[i], tar, *parts[i])}
             self._exclude([r for r in bad if r.key in mine and r.key not in self._excluded], epoch)
 

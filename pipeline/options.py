@@ -110,6 +110,7 @@ def make_spec(shards_dir, split, batch_size, rank, world_size, device, backend, 
         device_id=opts["device_id"], shuffle_buffer=max(1, int(opts["shuffle_buffer"])),
         on_corrupt=opts["on_corrupt"], hw_decoder_load=None if load is None else float(load), auto=tuple(auto),
     )
+    spec.data.check([i for i, _, _ in spec.part_files(spec.epoch)])  # this rank's part, not the split: O(part)
     spec.check_staging()
     return spec
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.staging import ShardCache, file_sha256
+from pipeline.integrity import Hasher, hash_matches, size_ok, stamped
+from pipeline.staging import ShardCache
 from pipeline.stats import IMAGENET_STATS, Stats, read_stats
-from shards.index import IndexEntry, read_index, write_index
+from shards.index import IndexEntry, read_count, read_index, write_index
 from shards.layouts import (
     IDX_SUFFIX,
     IMAGE_EXT,
@@ -31,12 +33,12 @@ from shards.layouts import (
     TAR_SUFFIX,
     split_tars,
 )
-from shards.location import check_reachable, is_remote, resolve
+from shards.location import check_reachable, corrupt_file, is_remote, resolve
 
 # Image member extensions read (ours is `jpg`; other WebDataset writers also use these).
 IMAGE_EXTS = (IMAGE_EXT, "jpeg", "png")
 DEFAULT_INDEX_CACHE = Path.home() / ".cache" / "alexnet-dali" / "idx"
-VERIFIED_DIR = Path.home() / ".cache" / "alexnet-dali" / "verified"  # stamps of tars whose sha256 matched
+SIDE_SAMPLE = 200_000  # manifest rows the stored-side check reads (its median barely moves past a few thousand)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ class ShardSplit:
     sizes: tuple[int, ...] = ()  # bytes of each tar
     stats: Stats = field(default=IMAGENET_STATS, compare=False)  # stats.json (ImageNet's without one)
     stored_side: int | None = None  # median shorter side of the stored images (None: no manifest)
+    recorded: dict[str, tuple[int, str]] = field(default_factory=dict, compare=False, repr=False)  # tar name ->
+    #                                        (bytes, sha256) from shards.parquet (empty: a set from other writers)
+    recorded_at: int = 0  # shards.parquet's mtime (ns): a tar written after it has changed since
+    _checked: set[int] = field(default_factory=set, compare=False, repr=False)  # tars `check` passed
 
     @property
     def num_samples(self) -> int:
@@ -73,21 +79,51 @@ class ShardSplit:
 
     def unverified(self, tar_ids: list[int]) -> list[int]:
         """The tars among `tar_ids` whose bytes differ from what `shards.parquet` recorded at
-        pack time (rot on a disk, a bad copy). Each tar is hashed once per node: a stamp keyed
-        by its path, size and mtime remembers a good hash. Sets without `shards.parquet`
-        (other writers) and staged copies (checked when fetched) are taken as they are."""
-        if self.cache is not None:
+        pack time, judged without hashing them on this path where possible: a size that
+        differs (one stat) or a sha256 the background `Hasher` found wrong. A tar written
+        after `shards.parquet` (changed since it was recorded) is hashed here, once per node
+        (a good hash is stamped). Every other tar is queued for the background hash while
+        the pass reads it: rot that left size and mtime alone is named when it is read.
+        Sets without `shards.parquet` (other writers) and streamed tars are taken as they are."""
+        if not self.recorded or isinstance(self.tars[0], str):
             return []
-        expected = _recorded_hashes(self.root)
-        if not expected:
-            return []
-        bad = []
+        hasher, bad = Hasher.shared(), []
+        failed = hasher.failed()
         for i in tar_ids:
             tar = Path(self.tars[i])
-            want = expected.get((self.split, tar.name))
-            if want is not None and not _hash_ok(tar, want):
+            size, sha = self.recorded.get(tar.name, (None, None))
+            if size is None or not tar.is_file():  # not recorded; a staged tar is checked when fetched
+                continue
+            if not size_ok(tar, size) or str(tar) in failed:
                 bad.append(i)
+            elif stamped(tar, sha):
+                continue
+            elif tar.stat().st_mtime_ns > self.recorded_at:
+                if not hash_matches(tar, sha):
+                    bad.append(i)
+            else:
+                hasher.submit(tar, sha)
         return bad
+
+    def hash_failures(self, tar_ids: list[int]) -> list[int]:
+        """The tars among `tar_ids` whose background sha256 came out wrong so far."""
+        failed = Hasher.shared().failed() if self.recorded else set()
+        return [i for i in tar_ids if str(self.tars[i]) in failed]
+
+    def check(self, tar_ids: list[int]) -> None:
+        """The full checks of these tars, once each per process (a rank checks the tars of
+        its part as a pass needs them, not the whole split): a tar header that parses (local
+        tars), an index line per sample with an image and a label, none past the tar's end.
+        Raises ValueError in one line naming the file and what to do."""
+        for i in tar_ids:
+            if i in self._checked:
+                continue
+            tar = self.tars[i]
+            if not isinstance(tar, str) and Path(tar).is_file():
+                _check_tar_header(Path(tar))
+            where = f"{self.uri}/{self.split}/{Path(str(tar)).name}" if self.remote else str(tar)
+            _check_index(where, self.indexes[i], self.sizes[i])
+            self._checked.add(i)
 
     def ensure(self, tar_ids: list[int], then: list[int] | None = None) -> None:
         """Make these tars readable locally (a no-op for local sets and for streaming); then
@@ -136,16 +172,16 @@ def open_split(
         )
     cache = Path(index_cache_dir) if index_cache_dir is not None else DEFAULT_INDEX_CACHE
     indexes, counts, sizes = [], [], []
-    for tar in tars:
+    for tar in tars:  # the split arithmetic needs each tar's count: its index's header line
         idx = tar.with_suffix(IDX_SUFFIX)
         if not idx.is_file():
             idx = _cached_index(tar, cache)
-        _check_tar_header(tar)
         sizes.append(tar.stat().st_size)
-        counts.append(_check_index(str(tar), idx, sizes[-1]))
+        counts.append(read_count(idx))
         indexes.append(idx)
     return ShardSplit(root, split, tuple(tars), tuple(indexes), tuple(counts), uri=str(root), sizes=tuple(sizes),
-                      stats=read_stats(root), stored_side=stored_side(root, split))
+                      stats=read_stats(root), stored_side=stored_side(root, split),
+                      recorded=recorded_shards(root, split), recorded_at=_mtime_ns(root / SHARDS_FILE))
 
 
 def _open_remote(uri: str, split: str, index_cache_dir, cache_dir, cache_max_gb: float) -> ShardSplit:
@@ -169,12 +205,13 @@ def _open_remote(uri: str, split: str, index_cache_dir, cache_dir, cache_max_gb:
         if not idx.is_file():  # a set from another writer: index the tar once, locally
             local_tar = cache.fetch([rel])[0]
             idx = _cached_index(local_tar, index_cache)
-        counts.append(_check_index(str(loc / rel), idx, size))
+        counts.append(read_count(idx))
         indexes.append(idx)
         sizes.append(size)
         tars.append(str(loc / rel) if stream else cache.local(rel))
     return ShardSplit(cache.dir, split, tuple(tars), tuple(indexes), tuple(counts), uri=loc.uri, cache=cache,
-                      sizes=tuple(sizes), stats=read_stats(cache.dir), stored_side=stored_side(cache.dir, split))
+                      sizes=tuple(sizes), stats=read_stats(cache.dir), stored_side=stored_side(cache.dir, split),
+                      recorded=recorded_shards(cache.dir, split), recorded_at=_mtime_ns(cache.dir / SHARDS_FILE))
 
 
 def stored_side(shards_dir: str | os.PathLike, split: str) -> int | None:
@@ -183,40 +220,44 @@ def stored_side(shards_dir: str | os.PathLike, split: str) -> int | None:
 
     The median, not the minimum: a real ImageNet holds a few images smaller than 224 that the
     packer never upscales, and every graph resizes those; what the check must catch is a
-    whole set packed smaller than the crop."""
+    whole set packed smaller than the crop. Of the split's first `SIDE_SAMPLE` rows: enough
+    for a median, and no rank reads ImageNet-21k's 14M rows at every start."""
     path = Path(shards_dir) / MANIFEST_FILE
     if not path.is_file():
         return None
+    import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.dataset as ds
 
-    table = resolve(path).read_parquet(["split", "width", "height"], REPACK)
-    table = table.filter(pc.equal(table["split"], split))
+    try:  # at most SIDE_SAMPLE rows of the split: every rank reads this at each start (issue 23)
+        table = ds.dataset(path, format="parquet").head(SIDE_SAMPLE, columns=["width", "height"],
+                                                         filter=ds.field("split") == split)
+    except pa.ArrowException as err:
+        raise corrupt_file(str(path), err, REPACK) from None
     if table.num_rows == 0:
         return None
     sides = pc.min_element_wise(table["width"], table["height"])
     return int(pc.quantile(sides, q=0.5, interpolation="lower")[0].as_py())
 
 
-def _recorded_hashes(root: Path) -> dict[tuple[str, str], str]:
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def recorded_shards(root: Path, split: str) -> dict[str, tuple[int, str]]:
+    """Tar name -> (bytes, sha256) of `split` from shards.parquet (empty without one)."""
     path = root / SHARDS_FILE
     if not path.is_file():
         return {}
-    rows = resolve(path).read_parquet(["split", "shard", "sha256"], REPACK).to_pylist()
-    return {(r["split"], r["shard"]): r["sha256"] for r in rows}
+    import pyarrow.compute as pc
 
-
-def _hash_ok(tar: Path, want: str) -> bool:
-    """Whether `tar` hashes to `want`; a good result is stamped (path, size, mtime) so the
-    next pass and the next process on this node skip the read."""
-    st = tar.stat()
-    stamp = VERIFIED_DIR / hashlib.sha256(f"{tar}\0{st.st_size}\0{st.st_mtime_ns}\0{want}".encode()).hexdigest()[:32]
-    if stamp.is_file():
-        return True
-    if file_sha256(tar) != want:
-        return False
-    VERIFIED_DIR.mkdir(parents=True, exist_ok=True)
-    stamp.touch()
-    return True
+    table = resolve(path).read_parquet(["split", "shard", "bytes", "sha256"], REPACK)
+    table = table.filter(pc.equal(table["split"], split))
+    return {name: (int(size), sha) for name, size, sha in
+            zip(table["shard"].to_pylist(), table["bytes"].to_pylist(), table["sha256"].to_pylist(), strict=True)}
 
 
 def _cached_index(tar: Path, cache: Path) -> Path:
@@ -237,13 +278,15 @@ def _check_tar_header(tar: Path) -> None:
         raise ValueError(f"{tar}: corrupt shard, not a readable tar ({e}); re-pack or remove it") from e
 
 
+_LINE = re.compile(r"[^ ]+ \d+ \d+ [^ ]+(?: [^ ]+ \d+ \d+ [^ ]+)*")  # `ext offset size name` per member
+
+
 def _check_index(tar: str, idx: Path, size: int) -> int:
     """Sample count of `tar` (`size` bytes) from its index, after cheap consistency checks (a
     header that parses, a line per sample, no member past the end of the tar)."""
     entries = read_index(idx)
     for n, entry in enumerate(entries, start=2):
-        fields = entry.line.split(" ")
-        if len(fields) % 4 or not all(f.isdigit() for f in fields[1::4] + fields[2::4]):
+        if not _LINE.fullmatch(entry.line):
             raise ValueError(f"{idx}: line {n} is not `ext offset size name` per member; "
                              "delete it to have it rebuilt")
         exts = entry.exts

@@ -10,10 +10,13 @@ The mirror of a set lives in `<cache_dir>/<digest of its URI>/` with the set's o
 A fetch takes an exclusive file lock per shard (`fcntl.flock`), so workers on one node wait
 for, never duplicate, a download; it downloads to a temporary name, checks bytes and sha256
 against `shards.parquet` (bytes against the store's listing for sets from other writers),
-then renames into place. A cached file is re-checked the first time a process uses it
-(size always, sha256 where known), so a truncated or rotten copy is fetched again.
-`max_bytes` bounds the mirror: least recently used shards go first (a shard a running
-pipeline has open stays readable after its unlink, as POSIX files do).
+then renames into place, stamping the good hash (`pipeline.integrity`). A cached file is
+re-checked the first time a process uses it: its size always, its sha256 only where no stamp
+says this very file (path, inode, size, mtime) hashed right before, so a restart does not
+hash the node's copies again, while a truncated or rewritten copy is fetched again.
+`max_bytes` bounds the mirror: least recently used shards go first (by access time, which a
+use sets; a shard a running pipeline has open stays readable after its unlink, as POSIX
+files do).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from pipeline.integrity import file_sha256, hash_matches, size_ok, stamp
 from shards.layouts import CLASSES_FILE, IDX_SUFFIX, MANIFEST_FILE, REPACK, SHARDS_FILE, STATS_FILE, TAR_SUFFIX
 from shards.location import Location, StorageError, resolve
 
@@ -36,21 +40,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "alexnet-dali" / "shards"
 META_FILES = (CLASSES_FILE, STATS_FILE, MANIFEST_FILE, SHARDS_FILE)
-_CHUNK = 8 << 20
 
 
 def mirror_dir(uri: str, cache_dir: Path) -> Path:
     """Where the local mirror of the set at `uri` lives (one folder per set URI)."""
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     return Path(cache_dir).expanduser() / f"{uri.rsplit('/', 1)[-1] or 'set'}-{digest}"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ShardCache:
@@ -189,10 +184,12 @@ class ShardCache:
                 t0 = time.perf_counter()
                 try:
                     (self.root / rel).download(tmp)
-                    if not self._matches(tmp, size, sha):
+                    if not size_ok(tmp, size) or (sha is not None and file_sha256(tmp) != sha):
                         raise StorageError(f"{self.root / rel}: downloaded {tmp.stat().st_size} bytes that do not "
                                            f"match {SHARDS_FILE} ({size} bytes, sha256 {sha}); re-upload the shard")
                     os.replace(tmp, final)
+                    if sha is not None:
+                        stamp(final, sha)  # same inode and mtime after the rename: no hash at the next start
                 finally:
                     tmp.unlink(missing_ok=True)
             self.fetch_s += time.perf_counter() - t0
@@ -202,9 +199,7 @@ class ShardCache:
 
     @staticmethod
     def _matches(path: Path, size: int | None, sha: str | None) -> bool:
-        if size is not None and path.stat().st_size != size:
-            return False
-        return sha is None or file_sha256(path) == sha
+        return size_ok(path, size) and (sha is None or hash_matches(path, sha))
 
     def _evict(self, incoming: int) -> bool:
         """Delete least recently used shards (never the current pass's) until `incoming` more
@@ -219,7 +214,7 @@ class ShardCache:
                     st = path.stat()
                 except FileNotFoundError:
                     continue
-                held.append((st.st_mtime, st.st_size, path))
+                held.append((st.st_atime, st.st_size, path))
             total = sum(s for _, s, _ in held)
             for _, size, path in sorted(held):
                 if total + incoming <= self.max_bytes:
@@ -234,9 +229,10 @@ class ShardCache:
 
 
 def _touch(path: Path) -> None:
-    """Mark as recently used (eviction goes by mtime)."""
+    """Mark as recently used: its access time (eviction goes by it); the mtime stays, so the
+    file's hash stamp does too."""
     try:
-        os.utime(path)
+        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
     except OSError:
         pass
 

@@ -42,6 +42,7 @@ class TorchLoader(EpochLoader):
         if not len(self):
             return
         spec.stage(epoch)
+        spec.data.check([i for i, _, _ in spec.part_files(epoch)])  # each tar's header and index, once per process
         workers = spec.num_threads
         before = spec.remainder.steps_done if spec.resharded(epoch) else 0  # steps of a resharded epoch
         start = resume["batch"] if resume else before

@@ -76,21 +76,38 @@ class IndexEntry(NamedTuple):
         return max(m.offset + m.size for m in self.members)
 
 
-def parse_index(text: str, where: str, first: int = 0, end: int | None = None) -> list[IndexEntry]:
-    """Samples [first, end) of the index `text` (from `where`, named in errors), after checking
-    its header: the version, and a count that matches its lines."""
-    lines = text.splitlines()
-    head = lines[0].split() if lines else []
+LINES_PARSED = [0]  # sample lines parsed by this process (the scale tests bound it per rank)
+
+
+def _count(head_line: str, where: str) -> int:
+    head = head_line.split()
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
         # v1.2 is the only version that carries member names, which the sample keys need
         raise ValueError(f"{where}: not a DALI {INDEX_VERSION} webdataset index; delete it to have it rebuilt")
     count = int(head[1])
     if count == 0:
         raise ValueError(f"{where}: the index lists no samples; delete it to have it rebuilt")
+    return count
+
+
+def read_count(path: str | os.PathLike) -> int:
+    """The sample count an index's header states, reading its first line only (what the split
+    arithmetic needs of the tars a rank does not read; `read_index` checks the rest)."""
+    with open(path, encoding="utf-8") as f:
+        return _count(f.readline(), str(path))
+
+
+def parse_index(text: str, where: str, first: int = 0, end: int | None = None) -> list[IndexEntry]:
+    """Samples [first, end) of the index `text` (from `where`, named in errors), after checking
+    its header: the version, and a count that matches its lines."""
+    lines = text.splitlines()
+    count = _count(lines[0] if lines else "", where)
     if count != len(lines) - 1:
         raise ValueError(f"{where}: header says {count} samples but it lists {len(lines) - 1}; "
                          "delete it to have it rebuilt")
-    return [IndexEntry(line) for line in lines[1 + first: None if end is None else 1 + end]]
+    out = [IndexEntry(line) for line in lines[1 + first: None if end is None else 1 + end]]
+    LINES_PARSED[0] += len(out)
+    return out
 
 
 def read_index(path: str | os.PathLike, first: int = 0, end: int | None = None) -> list[IndexEntry]:

@@ -4,13 +4,16 @@ crashes a loader; "error" stops with one line naming the shard file and the samp
 torch baseline on a copy of the demo shards with one image damaged in place."""
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
 from pipeline import make_loader
 from pipeline.corrupt import CorruptSample, index_samples
+from pipeline.integrity import HASHED_BYTES, Hasher, stamped
 
 ARGS = dict(batch_size=8, device="cpu", crop_size=56, num_threads=1, return_keys=True)
 
@@ -104,3 +107,60 @@ def test_resume_after_a_skip_continues_without_repeats(rotten):
     keys = [k for ks in head for k in ks] + rest
     assert key not in keys and len(keys) == len(set(keys))
     assert len(head) + len(list(range(3, len(first)))) == len(first)
+
+
+def test_no_tar_is_hashed_before_the_first_batch_and_each_is_hashed_once_behind(demo_shards, tmp_path):
+    """Issue 23: the sha256 of a rank's part is off the path to the first batch. A fresh copy
+    (no stamps) reads its first batch with no byte hashed by the loader's thread; the
+    background hasher then stamps every tar of the part, and the next loader hashes nothing."""
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    me = threading.current_thread().name
+    before = dict(HASHED_BYTES)
+    loader = make_loader(str(shards), "train", **ARGS)
+    next(iter(loader))
+    assert HASHED_BYTES[me] == before.get(me, 0)
+    Hasher.shared().wait_idle()
+    part = [Path(loader.spec.data.tars[i]) for i, _, _ in loader.spec.part_files(0)]
+    recorded = loader.spec.data.recorded
+    assert all(stamped(t, recorded[t.name][1]) for t in part)
+    assert HASHED_BYTES["tar-hash"] - before.get("tar-hash", 0) >= sum(t.stat().st_size for t in part)
+    hashed = HASHED_BYTES["tar-hash"]
+    again = make_loader(str(shards), "train", **ARGS)
+    next(iter(again))
+    Hasher.shared().wait_idle()
+    assert HASHED_BYTES["tar-hash"] == hashed and HASHED_BYTES[me] == before.get(me, 0)
+
+
+def wrong_padding(shards: Path, split: str, keep_mtime: bool) -> Path:
+    """A byte changed in the split's second tar where no reader looks (the end-of-archive
+    zeros): same size, every image decodes, only the sha256 tells. `keep_mtime`: as rot on
+    a disk leaves it (else as a rewrite does: newer than shards.parquet)."""
+    tar = sorted((shards / split).glob("*.tar"))[1]
+    st = tar.stat()
+    with open(tar, "r+b") as f:
+        f.seek(-10, 2)
+        f.write(b"\x01")
+    if keep_mtime:
+        os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return tar
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["rewritten", "rotted"])
+def test_wrong_bytes_whose_images_decode_are_named_when_read(demo_shards, tmp_path, keep_mtime):
+    """A tar changed since shards.parquet (newer) is hashed before it is read; one that
+    rotted in place (size and mtime kept) is hashed behind the reader and named in the pass
+    that finds it, or at the next one's start."""
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    tar = wrong_padding(shards, "val", keep_mtime)
+    loader = make_loader(str(shards), "val", **ARGS)
+    with pytest.raises(CorruptSample) as err:
+        for _ in range(2):
+            list(loader)
+            Hasher.shared().wait_idle()
+    text = str(err.value)
+    assert str(tar) in text and "sha256" in text and "python -m shards verify" in text and "\n" not in text
+    # "skip": a warning, and every sample is still read (no image is corrupt)
+    keys = all_keys(make_loader(str(shards), "val", on_corrupt="skip", **ARGS))
+    assert sorted(keys) == sorted(all_keys(make_loader(str(demo_shards), "val", **ARGS)))
