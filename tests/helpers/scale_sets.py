@@ -48,3 +48,41 @@ def build(src: Path, out: Path, sizes: dict[str, tuple[int, int]]) -> Path:
     pq.write_table(pa.Table.from_pylist(rows), out / "shards.parquet")
     pq.write_table(pa.concat_tables(tables), out / "manifest.parquet")
     return out
+
+
+def open_figures(path: str, split: str, rank: int, world_size: int) -> str:
+    """What one rank's make_loader reads and parses on the set at `path`, in one line."""
+    import resource
+    import time
+
+    import shards.index as index
+    from pipeline import make_loader
+
+    def read_chars() -> int:
+        line = next(ln for ln in Path("/proc/self/io").read_text().splitlines() if ln.startswith("rchar"))
+        return int(line.split()[1])
+
+    def cpu_s() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    lines, chars, cpu, wall = index.LINES_PARSED[0], read_chars(), cpu_s(), time.perf_counter()
+    loader = make_loader(path, split, batch_size=256, rank=rank, world_size=world_size, device="cpu",
+                         num_threads=1, crop_size=56)
+    wall, cpu = time.perf_counter() - wall, cpu_s() - cpu
+    return (f"{split}: make_loader rank {rank}/{world_size}: {wall:.2f} s wall, {cpu:.2f} s CPU, "
+            f"{index.LINES_PARSED[0] - lines} index lines parsed of {loader.dataset_size}, "
+            f"{(read_chars() - chars) / 1e6:.1f} MB read, {loader.num_samples} samples, "
+            f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB")
+
+
+if __name__ == "__main__":  # python tests/helpers/scale_sets.py SRC OUT TRAIN/TARS VAL/TARS [RANK/WORLD]
+    import sys
+
+    src, out, train, val = sys.argv[1:5]
+    target = Path(out)
+    if not target.exists():
+        build(Path(src), target, {s: tuple(map(int, v.split("/"))) for s, v in (("train", train), ("val", val))})
+    rank, world = map(int, (sys.argv[5] if len(sys.argv) > 5 else "0/64").split("/"))
+    for split in ("train", "val"):
+        print(open_figures(out, split, rank, world))
