@@ -19,7 +19,7 @@ from shards.location import Location, corrupt_file
 
 COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5", "skipped_samples",
            "world_size", "images_per_s_per_worker", "dali_cpu_util", "mem_anon_mb", "mem_file_mb",
-           "dali_device_mb")
+           "dali_device_mb", "nvjpg_util")
 SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64())]
                    + [(c, pa.float64()) for c in COLUMNS[2:8]]
                    + [("skipped_samples", pa.int64()), ("world_size", pa.int64())]
@@ -28,7 +28,8 @@ SCHEMA = pa.schema([("epoch", pa.int64()), ("step", pa.int64())]
 # ranks: dali_cpu_util (DALI pool CPU time / (wall x dali_threads)), mem_anon_mb and mem_file_mb (host
 # resident memory, anonymous and file-backed: DALI's mapped tars are file-backed and come and go with
 # each pass, so a leak shows in mem_anon_mb only), dali_device_mb (device memory outside torch's
-# allocator; null on CPU); images_per_s_per_worker is on every row.
+# allocator; null on CPU), nvjpg_util (the share of time the GPU's hardware JPEG decoder was busy,
+# NVML; null on CPU); images_per_s_per_worker is on every row.
 
 
 def read_metrics(loc: Location, way_out: str = "delete it") -> pa.Table:
@@ -55,12 +56,13 @@ class MetricsLog:
 
     def log_step(self, epoch: int, step: int, loss: float, lr: float, images_per_s: float,
                  data_wait: float, dali_cpu_util: float | None = None, mem_anon_mb: float | None = None,
-                 mem_file_mb: float | None = None, dali_device_mb: float | None = None) -> None:
+                 mem_file_mb: float | None = None, dali_device_mb: float | None = None,
+                 nvjpg_util: float | None = None) -> None:
         self.rows.append(dict(epoch=epoch, step=step, loss=loss, lr=lr, images_per_s=images_per_s,
                               data_wait=data_wait, top1=None, top5=None, skipped_samples=None,
                               world_size=self.world_size, images_per_s_per_worker=images_per_s / self.world_size,
                               dali_cpu_util=dali_cpu_util, mem_anon_mb=mem_anon_mb, mem_file_mb=mem_file_mb,
-                              dali_device_mb=dali_device_mb))
+                              dali_device_mb=dali_device_mb, nvjpg_util=nvjpg_util))
 
     def log_epoch(self, epoch: int, step: int, loss: float, lr: float, images_per_s: float,
                   data_wait: float, top1: float, top5: float, skipped_samples: int = 0) -> None:

@@ -13,6 +13,7 @@ cluster-up` fixes it) with Ray's `ray_` prefix, tagged by `rank` and `node`:
 | `ray_alexnet_loader_mem_anon_mb` | gauge | anonymous resident memory of the worker, MB (a leak grows it) |
 | `ray_alexnet_loader_mem_file_mb` | gauge | file-backed resident memory, MB (mapped tars: up in a pass, down after) |
 | `ray_alexnet_loader_device_mb` | gauge | device memory outside torch's allocator (DALI's pools), MB |
+| `ray_alexnet_loader_nvjpg_util` | gauge | share of time the GPU's hardware JPEG decoder was busy (NVML; GPU workers) |
 | `ray_alexnet_train_samples_total` | counter | samples this rank trained |
 | `ray_alexnet_val_top1`, `ray_alexnet_val_top5` | gauge | the last epoch's exact val accuracy (fractions) |
 
@@ -46,7 +47,9 @@ class TrainMetrics:
                       "mem_file_mb": gauge("alexnet_loader_mem_file_mb",
                                            "file-backed resident memory of the worker (mapped tars), MB"),
                       "dali_device_mb": gauge("alexnet_loader_device_mb",
-                                              "device memory outside torch's allocator, MB")}
+                                              "device memory outside torch's allocator, MB"),
+                      "nvjpg_util": gauge("alexnet_loader_nvjpg_util",
+                                          "share of time the GPU's hardware JPEG decoder was busy (NVML)")}
         self.val_top1 = gauge("alexnet_val_top1", "val top-1 of the last epoch")
         self.val_top5 = gauge("alexnet_val_top5", "val top-5 of the last epoch")
         self.samples = Counter("alexnet_train_samples_total", description="samples trained by this rank",

@@ -53,6 +53,7 @@ from orchestration.run_dir import (
 from orchestration.schedule import LrSchedule, lr_at, peak_lr
 from orchestration.step_window import Totals, Window
 from orchestration.tracking import Tracker, check_mlflow, step_scalars
+from pipeline.nvjpg import NvjpgMeter
 from pipeline.usage import DaliThreads, memory_mb
 from shards.location import StorageError, resolve
 from shards.store_check import applied_settings, settings_line
@@ -92,6 +93,7 @@ class Ctx:
     tracker: Tracker | None = None  # TensorBoard, train.log, MLflow (rank 0)
     total_steps: int = 0  # the run's steps at this world size: the console's step/total and ETA
     since: tuple[float, int] | None = None  # (clock, step) at this start's first logged step
+    nvjpg: NvjpgMeter | None = None  # the GPU's hardware JPEG decoder (None: CPU worker)
 
 
 # ---------------------------------------------------------------- one epoch
@@ -178,9 +180,11 @@ def eta(ctx: Ctx, step: int) -> str:
 
 def loader_usage(ctx: Ctx) -> dict[str, float | None]:
     """This rank's loader since the last log step: its DALI threads' CPU use (a share of
-    dali_threads cores) and memory (pipeline.usage)."""
+    dali_threads cores), memory (pipeline.usage) and, on a GPU, how busy the hardware JPEG
+    decoder is (pipeline.nvjpg)."""
     util = ctx.dali_threads.utilisation() if ctx.dali_threads is not None else None
-    return {"dali_cpu_util": util, **memory_mb(ctx.device)}
+    nvjpg = ctx.nvjpg.read() if ctx.nvjpg is not None else None
+    return {"dali_cpu_util": util, **memory_mb(ctx.device), "nvjpg_util": nvjpg}
 
 
 @torch.no_grad()
@@ -252,6 +256,7 @@ def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
     ctx = Ctx(cfg, device, rank, world_size, metrics, TrainMetrics(rank),
               DaliThreads(data.train.settings["num_threads"]) if cfg.backend == "dali" else None,
               scaler=grad_scaler(cfg, device), tracker=tracker,
+              nvjpg=NvjpgMeter(device) if device.type == "cuda" else None,
               total_steps=cfg.epochs * len(data.train))
     ledger = SampleLedger(run, rank, book.attempt, cfg.audit_samples)
     saver = Saver(cfg, rank, world_size, model, optimizer, schedule, data.train, ledger, metrics)

@@ -30,6 +30,7 @@ CLUSTER = ROOT / "orchestration" / "cluster"
 METRICS = ("ray_alexnet_train_images_per_s", "ray_alexnet_train_data_wait", "ray_alexnet_train_step_s",
            "ray_alexnet_train_samples_total", "ray_alexnet_val_top1", "ray_alexnet_val_top5",
            "ray_alexnet_loader_dali_cpu_util", "ray_alexnet_loader_mem_anon_mb", "ray_alexnet_loader_mem_file_mb",
+           "ray_alexnet_loader_nvjpg_util",
            "ray_alexnet_loader_device_mb")
 
 

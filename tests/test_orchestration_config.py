@@ -201,7 +201,7 @@ def test_metrics_resume_keeps_one_row_per_epoch(tmp_path: Path) -> None:
     table = pq.read_table(tmp_path / "metrics.parquet")
     assert table.column_names == ["epoch", "step", "loss", "lr", "images_per_s", "data_wait", "top1", "top5",
                                   "skipped_samples", "world_size", "images_per_s_per_worker", "dali_cpu_util",
-                                  "mem_anon_mb", "mem_file_mb", "dali_device_mb"]
+                                  "mem_anon_mb", "mem_file_mb", "dali_device_mb", "nvjpg_util"]
     assert [r["epoch"] for r in resumed.epoch_rows()] == [1, 2]
     summary = summarize(resumed.epoch_rows(), wall_s=3.0, world_size=2, restarts=1)
     assert summary["top1"] == 0.6 and summary["images_per_s"] == 120.0 and summary["epochs"] == 2
