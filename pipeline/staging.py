@@ -63,22 +63,34 @@ class ShardCache:
         self._lock = threading.Lock()
         self._evicting = threading.RLock()
         self.fetched_bytes = 0  # downloaded by this process (for the benchmark)
+        self.meta_bytes = 0  # set files (manifest, shards.parquet, ...) downloaded by this process
         self.fetch_s = 0.0
 
     # ---------------------------------------------------------------- set files and indexes
     def fetch_meta(self, splits: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
         """Stage the set files and every index of `splits`; returns split -> [(tar name, bytes)]
-        as the store lists them. The set files are small; they are fetched again each time
-        (a re-packed set must not be read with a stale manifest)."""
+        as the store lists them. The set files are fetched once per node (issue 23: every rank
+        downloaded the manifest at every start): under one file lock, a file whose stored size
+        and modification time (one listing of the set's folder) match the local copy's record
+        is not fetched again; a re-packed set changes them, so it is never read stale."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name in META_FILES:
-            src = self.root / name
-            try:
-                data = src.read_bytes()
-            except FileNotFoundError:
-                (self.dir / name).unlink(missing_ok=True)
-                continue
-            _write_atomic(self.dir / name, data)
+        stored = {f.base_name: f for f in self.root.list()}
+        (self.dir / ".locks").mkdir(exist_ok=True)
+        with open(self.dir / ".locks" / "set-files.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other workers wait, then find it fetched
+            for name in META_FILES:
+                info, local, record = stored.get(name), self.dir / name, self.dir / f".{name}.stored"
+                if info is None:
+                    local.unlink(missing_ok=True)
+                    continue
+                stamp = f"{info.size} {info.mtime_ns}"
+                if local.is_file() and local.stat().st_size == info.size and record.is_file() \
+                        and record.read_text() == stamp:
+                    continue
+                data = (self.root / name).read_bytes()
+                _write_atomic(local, data)
+                _write_atomic(record, stamp.encode())
+                self.meta_bytes += len(data)
         self._read_expected()
         listing: dict[str, list[tuple[str, int]]] = {}
         for split in splits:

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import make_loader
 from pipeline.staging import mirror_dir
-from shards.location import StorageError
+from shards.location import StorageError, resolve
 
 ARGS = dict(batch_size=16, device="cpu", crop_size=56, num_threads=1)
 
@@ -180,3 +180,19 @@ def test_bench_stages_a_remote_set_into_a_local_mirror(remote_set, demo_shards, 
         assert ours == sorted(p.name for p in (demo_shards / split).glob("*.tar"))
     total = sum(p.stat().st_size for p in demo_shards.glob("*/*.tar"))
     assert figures["staged_bytes"] == total and figures["stage_mb_per_s"] > 0
+
+
+def test_set_files_are_fetched_once_per_node(demo_shards, remote_set, tmp_path):
+    """Issue 23: a node's second make_loader (another rank, val after train, a restart) reads
+    the set files from the node's mirror; a set re-packed on the store is fetched again."""
+    cache = tmp_path / "cache"
+    set_files = sum((demo_shards / f).stat().st_size
+                    for f in ("classes.json", "stats.json", "manifest.parquet", "shards.parquet"))
+    first = make_loader(remote_set, "train", cache_dir=cache, **ARGS)
+    assert first.spec.data.cache.meta_bytes == set_files
+    for split in ("val", "train"):
+        assert make_loader(remote_set, split, cache_dir=cache, **ARGS).spec.data.cache.meta_bytes == 0
+    stats = resolve(f"{remote_set}/stats.json")
+    stats.write_bytes(stats.read_bytes() + b"\n")  # a changed file on the store: a new size and time
+    again = make_loader(remote_set, "val", cache_dir=cache, **ARGS)
+    assert again.spec.data.cache.meta_bytes == (demo_shards / "stats.json").stat().st_size + 1
