@@ -100,6 +100,18 @@ class Tracker:
                 if path.is_file():
                     (self.run / path.relative_to(self._local).as_posix()).upload(path)
 
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        """Close; when the start failed, a failure to upload is logged, never raised over its error."""
+        try:
+            self.close()
+        except OSError as upload_err:
+            if err is None:
+                raise
+            logging.getLogger("train").warning("tracking files not uploaded: %s", upload_err)
+
     def close(self) -> None:
         if not self.active:
             return

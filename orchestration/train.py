@@ -219,6 +219,15 @@ def evaluate(model: nn.Module, loader, val_size: int, ctx: Ctx) -> dict[str, flo
 
 
 # ---------------------------------------------------------------- the per-worker function
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs INFO, the others WARNING; Ray Train's per-report line (a logger named by its
+    file, which RunConfig's logging_config does not reach) is left out."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
+    for name in list(logging.root.manager.loggerDict):
+        if "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
     """Runs on every Ray Train worker: config -> loaders -> model/optimizer -> resume -> loop -> summary."""
     import ray.train
@@ -229,68 +238,64 @@ def train_worker(config: dict, callbacks: Sequence[Callback] = ()) -> None:
     cfg = from_dict(config)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
-    for name in list(logging.root.manager.loggerDict):  # Ray Train's per-report line (a logger named by its file)
-        if "/ray/train/" in name:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    setup_logging(rank)
     install_preemption()  # SIGTERM: a checkpoint at the next step, then a restart from it
     device = setup_compute(cfg, context.get_local_world_size())
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     ckpt = checkpoint.restore()  # Ray hands every rank the same one: its newest registered checkpoint
     pos, run = Position.of(ckpt), run_location(cfg.run_dir)
-    tracker = Tracker(cfg, run, rank)  # from here rank 0's log also goes to <run_dir>/train.log
-    book = RunBook(run, rank, world_size, pos, resumed=ckpt is not None, started=started)
+    with Tracker(cfg, run, rank) as tracker:  # rank 0's log also goes to <run_dir>/train.log, even if this start fails
+        book = RunBook(run, rank, world_size, pos, resumed=ckpt is not None, started=started)
 
-    data = make_loaders(cfg, rank, world_size, device, epoch=pos.epoch)
+        data = make_loaders(cfg, rank, world_size, device, epoch=pos.epoch)
 
-    global_batch = cfg.batch_size * world_size  # the lr schedule runs on samples seen, whatever the shape
-    model = build_model(cfg.model, num_classes=data.num_classes)
-    if ckpt is None and cfg.init_from:  # a new run from trained weights (a resumed one has its own)
-        log.info(start_from(model, cfg.init_from))
-    model = prepare(model, cfg, world_size)
-    optimizer = make_optimizer(cfg, unwrap(model))
-    schedule = LrSchedule(cfg, optimizer, global_batch, data.train_size)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    metrics = MetricsLog(run / METRICS, pos.epoch, pos.step, world_size) if rank == 0 else None
-    ctx = Ctx(cfg, device, rank, world_size, metrics, TrainMetrics(rank),
-              DaliThreads(data.train.settings["num_threads"]) if cfg.backend == "dali" else None,
-              scaler=grad_scaler(cfg, device), tracker=tracker,
-              nvjpg=NvjpgMeter(device) if device.type == "cuda" else None,
-              total_steps=cfg.epochs * len(data.train))
-    ledger = SampleLedger(run, rank, book.attempt, cfg.audit_samples)
-    saver = Saver(cfg, rank, world_size, model, optimizer, schedule, data.train, ledger, metrics)
-    hooks = StepHooks(cfg, saver, ledger, book, resumed=pos, callbacks=callbacks)
-    log.info("%s: %d worker(s) x batch %d = %d per step, %d steps/epoch, peak lr %.4g, %d classes, %d val",
-             cfg.model, world_size, cfg.batch_size, global_batch, data.train_size // global_batch,
-             peak_lr(cfg, global_batch), data.num_classes, data.val_size)
+        global_batch = cfg.batch_size * world_size  # the lr schedule runs on samples seen, whatever the shape
+        model = build_model(cfg.model, num_classes=data.num_classes)
+        if ckpt is None and cfg.init_from:  # a new run from trained weights (a resumed one has its own)
+            log.info(start_from(model, cfg.init_from))
+        model = prepare(model, cfg, world_size)
+        optimizer = make_optimizer(cfg, unwrap(model))
+        schedule = LrSchedule(cfg, optimizer, global_batch, data.train_size)
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        metrics = MetricsLog(run / METRICS, pos.epoch, pos.step, world_size) if rank == 0 else None
+        ctx = Ctx(cfg, device, rank, world_size, metrics, TrainMetrics(rank),
+                  DaliThreads(data.train.settings["num_threads"]) if cfg.backend == "dali" else None,
+                  scaler=grad_scaler(cfg, device), tracker=tracker,
+                  nvjpg=NvjpgMeter(device) if device.type == "cuda" else None,
+                  total_steps=cfg.epochs * len(data.train))
+        ledger = SampleLedger(run, rank, book.attempt, cfg.audit_samples)
+        saver = Saver(cfg, rank, world_size, model, optimizer, schedule, data.train, ledger, metrics)
+        hooks = StepHooks(cfg, saver, ledger, book, resumed=pos, callbacks=callbacks)
+        log.info("%s: %d worker(s) x batch %d = %d per step, %d steps/epoch, peak lr %.4g, %d classes, %d val",
+                 cfg.model, world_size, cfg.batch_size, global_batch, data.train_size // global_batch,
+                 peak_lr(cfg, global_batch), data.num_classes, data.val_size)
 
-    if not restore(ckpt, rank, world_size, cfg.batch_size, model, optimizer, schedule, data.train):
-        pos.epoch_step = 0  # the epoch's data starts afresh (a new shape, or an epoch-end checkpoint)
-    for epoch in range(pos.epoch + 1, cfg.epochs + 1):
-        t_epoch = time.perf_counter()
-        if pos.epoch_step == 0:
-            data.train.set_epoch(epoch - 1)
-        skipped_before = len(data.train.skipped)
-        train = train_one_epoch(model, data.train, criterion, optimizer, schedule, epoch, pos, ctx, hooks)
-        val = evaluate(model, data.val, data.val_size, ctx)
-        skipped = int(all_reduce_sum([len(data.train.skipped) - skipped_before])[0] + val.pop("val_skipped"))
-        schedule.after_epoch(val["top1"])
-        ctx.gauges.epoch(val["top1"], val["top5"])
-        pos.end_epoch(epoch)
-        if metrics is not None:
-            metrics.log_epoch(epoch, pos.step, train["loss"], current_lr(optimizer), train["images_per_s"],
-                              train["data_wait"], val["top1"], val["top5"], skipped)
-        log.info("epoch %d/%d  train loss %.3f  val loss %.3f  top-1 %s  top-5 %s  %.0f img/s  data-wait %s  %.0fs",
-                 epoch, cfg.epochs, train["loss"], val["val_loss"], fmt_pct(val["top1"]), fmt_pct(val["top5"]),
-                 train["images_per_s"], fmt_pct(train["data_wait"]), time.perf_counter() - t_epoch)
-        ctx.tracker.scalars(pos.step, {"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["val_loss"],
+        if not restore(ckpt, rank, world_size, cfg.batch_size, model, optimizer, schedule, data.train):
+            pos.epoch_step = 0  # the epoch's data starts afresh (a new shape, or an epoch-end checkpoint)
+        for epoch in range(pos.epoch + 1, cfg.epochs + 1):
+            t_epoch = time.perf_counter()
+            if pos.epoch_step == 0:
+                data.train.set_epoch(epoch - 1)
+            skipped_before = len(data.train.skipped)
+            train = train_one_epoch(model, data.train, criterion, optimizer, schedule, epoch, pos, ctx, hooks)
+            val = evaluate(model, data.val, data.val_size, ctx)
+            skipped = int(all_reduce_sum([len(data.train.skipped) - skipped_before])[0] + val.pop("val_skipped"))
+            schedule.after_epoch(val["top1"])
+            ctx.gauges.epoch(val["top1"], val["top5"])
+            pos.end_epoch(epoch)
+            if metrics is not None:
+                metrics.log_epoch(epoch, pos.step, train["loss"], current_lr(optimizer), train["images_per_s"],
+                                  train["data_wait"], val["top1"], val["top5"], skipped)
+            log.info("epoch %d/%d  train loss %.3f  val loss %.3f  top-1 %s  top-5 %s  %.0f img/s  data-wait %s  %.0fs",
+                     epoch, cfg.epochs, train["loss"], val["val_loss"], fmt_pct(val["top1"]), fmt_pct(val["top5"]),
+                     train["images_per_s"], fmt_pct(train["data_wait"]), time.perf_counter() - t_epoch)
+            tracker.scalars(pos.step, {"val/top1": val["top1"], "val/top5": val["top5"], "val/loss": val["val_loss"],
                                        "train/epoch_loss": train["loss"]})
-        ctx.tracker.flush()
-        hooks.after_epoch(epoch, pos, {"epoch": epoch, "step": pos.step, **train, **val})
+            tracker.flush()
+            hooks.after_epoch(epoch, pos, {"epoch": epoch, "step": pos.step, **train, **val})
 
-    book.finish(metrics, f"{cfg.name}: {cfg.model}, {world_size} worker(s)", data.train_size)
-    ctx.tracker.close()
+        book.finish(metrics, f"{cfg.name}: {cfg.model}, {world_size} worker(s)", data.train_size)
 
 
 # ---------------------------------------------------------------- the driver

@@ -7,6 +7,7 @@ and restarts (resume, faults, elastic, nodes) is drilled on real clusters in tes
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,8 @@ def test_a_fault_after_a_step_checkpoint_stops_the_worker_with_the_ledger_commit
     run_dir = tmp_path / "runs" / "tiny"
     assert sorted({r["step"] for r in ledger(run_dir)}) == [1, 2, 3, 4, 5, 6]
     assert not (run_dir / "summary.json").exists()
+    log = (run_dir / "train.log").read_text()  # the failed start's log is kept, its handler gone
+    assert "step 6/" in log and not [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
