@@ -220,10 +220,12 @@ def evaluate(model: nn.Module, loader, val_size: int, ctx: Ctx) -> dict[str, flo
 
 # ---------------------------------------------------------------- the per-worker function
 def setup_logging(rank: int) -> None:
-    """Rank 0 logs INFO, the others WARNING; Ray Train's per-report line (a logger named by its
-    file, which RunConfig's logging_config does not reach) is left out."""
+    """Rank 0 logs INFO, the others WARNING. Ray Train's INFO lines from the workers (moving
+    the model, wrapping it in DDP, every report and checkpoint: ours say what matters once)
+    are left out; the controller's lines (where each rank was placed) stay."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
-    for name in list(logging.root.manager.loggerDict):
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):  # a logger Ray names by its file
         if "/ray/train/" in name:
             logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -357,22 +359,28 @@ def continue_line(cfg: TrainConfig, done: int) -> str:
 
 
 def check_placement(cfg: TrainConfig) -> None:
-    """An embedded local Ray (no RAY_ADDRESS) on a machine that can never place `workers`
-    (one CPU each, and one GPU each with use_gpu): one line, instead of Ray's retries."""
-    if os.environ.get("RAY_ADDRESS"):
-        return
+    """A machine (the embedded local Ray, or the Ray this process already runs) that can never
+    place `workers` (one CPU each, and one GPU each with use_gpu): one line, instead of Ray's
+    retries."""
+    import ray
+
+    if ray.is_initialized():  # a Ray this process already runs (embedded, or joined): what it has
+        have, where = ray.cluster_resources(), "the running Ray"
+        cpus, gpus = int(have.get("CPU", 0)), int(have.get("GPU", 0))
+    elif os.environ.get("RAY_ADDRESS"):
+        return  # a cluster: Ray places the workers (an autoscaler may add nodes)
+    else:
+        cpus, gpus, where = len(os.sched_getaffinity(0)), torch.cuda.device_count(), "this machine"
     need = cfg.min_workers
     if cfg.use_gpu:
-        gpus = torch.cuda.device_count()
         if gpus < need:
             raise ValueError(f"workers: {list(cfg.workers) if cfg.elastic else cfg.workers} needs {need} GPU(s) "
-                             f"(use_gpu: true), this machine has {gpus}; lower workers, set use_gpu: false, or "
+                             f"(use_gpu: true), {where} has {gpus}; lower workers, set use_gpu: false, or "
                              "join a cluster (RAY_ADDRESS)")
         return
-    cpus = len(os.sched_getaffinity(0))
     if cpus < need:
         raise ValueError(f"workers: {list(cfg.workers) if cfg.elastic else cfg.workers} needs {need} CPUs (one per "
-                         f"worker), this machine has {cpus}; lower workers or join a cluster (RAY_ADDRESS)")
+                         f"worker), {where} has {cpus}; lower workers or join a cluster (RAY_ADDRESS)")
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
@@ -422,8 +430,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
         run_config=ray.train.RunConfig(
             name=cfg.name, **ray_storage(cfg.storage_path),  # Ray's files and ours: one resolver
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),  # Ray Train's per-report INFO lines
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
     )
     try:
         result = trainer.fit()
