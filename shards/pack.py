@@ -45,9 +45,10 @@ from shards.layouts import (
     display_path,
     shard_name,
 )
+from shards.listing import Item, Listing, write_plan
 from shards.location import is_remote, is_uri, resolve
 from shards.output import PackOutput
-from shards.sources import Item, SourceTree, discover
+from shards.sources import SourceTree, discover
 from shards.stats import PixelMoments
 from shards.upload import Uploader
 from shards.workers import EncoderPool, WorkerDied
@@ -116,28 +117,45 @@ def _check_settings(shorter_side: int, quality: int, workers: int | None, shard_
         raise ValueError(f"--splits must name some of {','.join(SPLITS)} once each, got {','.join(splits)}")
 
 
-def _plan(tree: SourceTree, split: str, seed: int) -> tuple[list[Item], list[tuple[str, str, str]]]:
-    """The split's encode order (train: one global seeded shuffle) and its label rejects."""
-    known = set(tree.wnids)
-    plan, rejects = [], []
-    for item in tree.items[split]:
-        if item.wnid is None:
-            rejects.append((item.source, split, "no label: not listed in the val labels file"))
-        elif item.wnid not in known:
-            rejects.append((item.source, split, f"unknown class {item.wnid} (not a train/ folder)"))
-        else:
-            plan.append(item)
+def _plan(tree: SourceTree, split: str, seed: int) -> tuple[Listing, list[tuple[str, str, str]]]:
+    """The split's encode order (train: one global seeded shuffle) and its label rejects. The
+    plan is a listing of its own beside the split's (val with every item labelled: the same
+    one); it takes 8 bytes per item while it is written, none after."""
+    listing = tree.items[split]
+    rejects: list[tuple[str, str, str]] = []
+    positions = None  # every item, in listing order
+    if not listing.labelled():
+        codes = listing.table()["code"].to_numpy()
+        labelled = (codes >= 0) & (codes < listing.known)
+        del codes
+        for pos in np.flatnonzero(~labelled).tolist():
+            item = listing[pos]
+            rejects.append((item.source, split, "no label: not listed in the val labels file" if item.wnid is None
+                            else f"unknown class {item.wnid} (not a train/ folder)"))
+        positions = np.flatnonzero(labelled)
     if split == "train":
-        order = np.random.default_rng(seed).permutation(len(plan))
-        plan = [plan[i] for i in order]
-    return plan, rejects
+        order = np.random.default_rng(seed).permutation(len(listing) if positions is None else len(positions))
+        positions = order if positions is None else positions[order]
+        del order
+    if positions is None:
+        return listing, rejects
+    return write_plan(listing, positions, tree.spill_dir / f"{split}-plan.arrow"), rejects
 
 
 def _fingerprint(tree: SourceTree, settings: dict) -> str:
+    """sha256 of the settings, every listed item (split, source, wnid, key) and every reject,
+    streamed from the listings."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for split in sorted(tree.items):
-        for item in tree.items[split]:
-            h.update(f"{split}\0{item.source}\0{item.wnid}\0{item.key}\n".encode("utf-8", "surrogateescape"))
+        listing = tree.items[split]
+        prefix = split.encode() + b"\0"
+        wnids = [w.encode("utf-8", "surrogateescape") + b"\0" for w in listing.wnids]
+        unlabelled = b"None\0"
+        for batch in listing.batches():
+            for source, code, key in zip(batch["source"].to_pylist(), batch["code"].to_pylist(),
+                                         batch["key"].to_pylist()):
+                h.update(b"".join((prefix, source, b"\0", wnids[code] if code >= 0 else unlabelled,
+                                   key.encode(), b"\n")))
     for r in tree.rejects:
         h.update(("\0".join(r) + "\n").encode("utf-8", "surrogateescape"))
     return h.hexdigest()
@@ -215,7 +233,7 @@ def _parquet(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _pack_split(tree: SourceTree, output: PackOutput, split: str, plan: list[Item], records: list[dict],
+def _pack_split(tree: SourceTree, output: PackOutput, split: str, plan: Listing, records: list[dict],
                 shorter_side: int, quality: int, pool: EncoderPool | None, limit: int, progress: _Progress,
                 timing: dict) -> None:
     """Encode and write the plan of one split from where the published shards (`records`)
@@ -225,7 +243,8 @@ def _pack_split(tree: SourceTree, output: PackOutput, split: str, plan: list[Ite
     want_stats = split == "train"
     root = str(tree.root)
     jobs = ((os.path.join(root, it.source), it.key, tree.label(it.wnid), shorter_side, quality, want_stats)
-            for it in plan[start:])
+            for it in plan.items(start))
+    items = plan.items(start)  # in step with the results
     results: Iterator = (pool.imap(jobs, CHUNK, name=lambda job: display_path(job[0])) if pool is not None
                          else map(encode_job, jobs))
     writer: ShardWriter | None = None
@@ -234,7 +253,7 @@ def _pack_split(tree: SourceTree, output: PackOutput, split: str, plan: list[Ite
     try:
         for pos, (in_bytes, res) in enumerate(results, start):
             t = time.perf_counter()
-            item = plan[pos]
+            item = next(items)
             if isinstance(res, str):
                 part.reject(item, split, res, pos)
                 progress.update(in_bytes, 0, False)
@@ -375,12 +394,13 @@ def build(source: str | os.PathLike, out: str | os.PathLike, splits: tuple[str, 
     source = _local_source(source)
     output = PackOutput.open(out, work_dir)  # a remote out's bucket is checked here, before any work
     workers = workers or os.cpu_count() or 1
-    pool = None
+    pool = tree = None
     ok = False
     try:
         # the workers start (import PIL, numpy) while this process lists the tree
         pool = EncoderPool(workers, encode_job) if workers > 1 else None
-        tree = discover(source, splits)
+        # the item lists are spilled to disk: a remote output's work directory, else $TMPDIR
+        tree = discover(source, splits, spill_dir=output.work if output.remote else None)
         settings = {"source": str(source), "splits": list(splits), "shorter_side": shorter_side,
                     "quality": quality, "shard_size_mb": float(shard_size_mb), "seed": seed, "classes": tree.wnids}
         t_discovered = time.perf_counter()
@@ -399,6 +419,8 @@ def build(source: str | os.PathLike, out: str | os.PathLike, splits: tuple[str, 
             pool.close()
         elif pool is not None:
             pool.kill()
+        if tree is not None:
+            tree.close()
         output.close()
     summary.wall_s = time.perf_counter() - t0
     if profile is not None:
@@ -420,7 +442,7 @@ def _readable(path: str) -> bool:
     return not isinstance(read_source(path, retry_delays=()), str)
 
 
-def _retry_unreadable(tree: SourceTree, output: PackOutput, plans: dict[str, list[Item]],
+def _retry_unreadable(tree: SourceTree, output: PackOutput, plans: dict[str, Listing],
                       done: dict[str, list[dict]]) -> int:
     """Cut each split's journal back to its first shard holding an input that could not be
     read before and reads now; returns how many such inputs will be tried again."""
@@ -476,7 +498,7 @@ def _pack(tree: SourceTree, output: PackOutput, splits: tuple[str, ...], shorter
                        retried=retried)
 
 
-def _disk_full(output: PackOutput, plans: dict[str, list[Item]], records: dict[str, list[dict]],
+def _disk_full(output: PackOutput, plans: dict[str, Listing], records: dict[str, list[dict]],
                bar: _Progress, limit: int) -> DiskFull:
     """One line: where, how much is free, and about how much more the rest needs."""
     free = _free_mb(output.work)
