@@ -31,7 +31,6 @@ from shards.layouts import (
     SHARDS_FILE,
     SPLITS,
     TAR_SUFFIX,
-    split_tars,
 )
 from shards.location import check_reachable, corrupt_file, is_remote, resolve
 
@@ -122,7 +121,10 @@ class ShardSplit:
             if not isinstance(tar, str) and Path(tar).is_file():
                 _check_tar_header(Path(tar))
             where = f"{self.uri}/{self.split}/{Path(str(tar)).name}" if self.remote else str(tar)
-            _check_index(where, self.indexes[i], self.sizes[i])
+            count = _check_index(where, self.indexes[i], self.sizes[i])
+            if count != self.counts[i]:
+                raise ValueError(f"{where}: its index lists {count} samples, {SHARDS_FILE} {self.counts[i]}; "
+                                 f"the set changed since it was packed: {REPACK}")
             self._checked.add(i)
 
     def ensure(self, tar_ids: list[int], then: list[int] | None = None) -> None:
@@ -164,24 +166,46 @@ def open_split(
             f"shards directory {root} does not exist: run `make shards` or pass the directory "
             "that holds train/ and val/"
         )
-    tars = [t.resolve() for t in split_tars(root, split)]
+    tars, listed = _split_files(root, split)
     if not tars:
         raise FileNotFoundError(
             f"{root / split}: no .tar shards for split {split!r}: run `make shards` "
             f"(or `python -m shards build --splits {split}`)"
         )
     cache = Path(index_cache_dir) if index_cache_dir is not None else DEFAULT_INDEX_CACHE
+    rows = _recorded(root, split)
     indexes, counts, sizes = [], [], []
-    for tar in tars:  # the split arithmetic needs each tar's count: its index's header line
+    for tar in tars:
+        # The split arithmetic needs each tar's count and size: shards.parquet's, with no file
+        # opened or stat'ed (a rank checks its own tars against them as it reads them); else its
+        # index's header line and a stat (sets from other writers).
         idx = tar.with_suffix(IDX_SUFFIX)
-        if not idx.is_file():
-            idx = _cached_index(tar, cache)
-        sizes.append(tar.stat().st_size)
-        counts.append(read_count(idx))
+        row = rows.get(tar.name)
+        if row is not None and (idx.name in listed if tar.parent == root / split else idx.is_file()):
+            sizes.append(row[0])
+            counts.append(row[2])
+        else:
+            if not idx.is_file():
+                idx = _cached_index(tar, cache)
+            sizes.append(tar.stat().st_size)
+            counts.append(read_count(idx))
         indexes.append(idx)
     return ShardSplit(root, split, tuple(tars), tuple(indexes), tuple(counts), uri=str(root), sizes=tuple(sizes),
                       stats=read_stats(root), stored_side=stored_side(root, split),
-                      recorded=recorded_shards(root, split), recorded_at=_mtime_ns(root / SHARDS_FILE))
+                      recorded={n: r[:2] for n, r in rows.items()}, recorded_at=_mtime_ns(root / SHARDS_FILE))
+
+
+def _split_files(root: Path, split: str) -> tuple[list[Path], set[str]]:
+    """The split's tars in order, symbolic links resolved, and the names its folder holds: one
+    listing of the folder, no stat of each file (what `split_tars` and `resolve()` cost)."""
+    folder = root / split
+    if not folder.is_dir():
+        return [], set()
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    tars = [Path(e.path).resolve() if e.is_symlink() else folder / e.name
+            for e in entries if e.name.endswith(TAR_SUFFIX)]
+    return tars, {e.name for e in entries}
 
 
 def _open_remote(uri: str, split: str, index_cache_dir, cache_dir, cache_max_gb: float) -> ShardSplit:
@@ -198,6 +222,7 @@ def _open_remote(uri: str, split: str, index_cache_dir, cache_dir, cache_max_gb:
             f"pack with `python -m shards build --out {loc}` or pass the prefix that holds train/ and val/"
         )
     index_cache = Path(index_cache_dir) if index_cache_dir is not None else DEFAULT_INDEX_CACHE
+    rows = _recorded(cache.dir, split)
     tars, indexes, counts, sizes = [], [], [], []
     for name, size in listing:
         rel = f"{split}/{name}"
@@ -205,13 +230,13 @@ def _open_remote(uri: str, split: str, index_cache_dir, cache_dir, cache_max_gb:
         if not idx.is_file():  # a set from another writer: index the tar once, locally
             local_tar = cache.fetch([rel])[0]
             idx = _cached_index(local_tar, index_cache)
-        counts.append(read_count(idx))
+        counts.append(rows[name][2] if name in rows else read_count(idx))
         indexes.append(idx)
         sizes.append(size)
         tars.append(str(loc / rel) if stream else cache.local(rel))
     return ShardSplit(cache.dir, split, tuple(tars), tuple(indexes), tuple(counts), uri=loc.uri, cache=cache,
                       sizes=tuple(sizes), stats=read_stats(cache.dir), stored_side=stored_side(cache.dir, split),
-                      recorded=recorded_shards(cache.dir, split), recorded_at=_mtime_ns(cache.dir / SHARDS_FILE))
+                      recorded={n: r[:2] for n, r in rows.items()}, recorded_at=_mtime_ns(cache.dir / SHARDS_FILE))
 
 
 def stored_side(shards_dir: str | os.PathLike, split: str) -> int | None:
@@ -249,15 +274,20 @@ def _mtime_ns(path: Path) -> int:
 
 def recorded_shards(root: Path, split: str) -> dict[str, tuple[int, str]]:
     """Tar name -> (bytes, sha256) of `split` from shards.parquet (empty without one)."""
+    return {name: row[:2] for name, row in _recorded(root, split).items()}
+
+
+def _recorded(root: Path, split: str) -> dict[str, tuple[int, str, int]]:
+    """Tar name -> (bytes, sha256, samples) of `split` from shards.parquet (empty without one)."""
     path = root / SHARDS_FILE
     if not path.is_file():
         return {}
     import pyarrow.compute as pc
 
-    table = resolve(path).read_parquet(["split", "shard", "bytes", "sha256"], REPACK)
+    table = resolve(path).read_parquet(["split", "shard", "bytes", "sha256", "samples"], REPACK)
     table = table.filter(pc.equal(table["split"], split))
-    return {name: (int(size), sha) for name, size, sha in
-            zip(table["shard"].to_pylist(), table["bytes"].to_pylist(), table["sha256"].to_pylist(), strict=True)}
+    return {name: (int(size), sha, int(n)) for name, size, sha, n in
+            zip(*(table[c].to_pylist() for c in ("shard", "bytes", "sha256", "samples")), strict=True)}
 
 
 def _cached_index(tar: Path, cache: Path) -> Path:
