@@ -100,6 +100,8 @@ def dali_decode_source(name: str, blobs: list[bytes], device: str, threads: int,
     if hw_decoder_load is not None and (device != "mixed" or not 0.0 <= hw_decoder_load <= 1.0):
         raise ValueError(f"hw_decoder_load={hw_decoder_load!r}: a share in [0, 1], for device='mixed' only")
     extra = {} if hw_decoder_load is None else {"hw_decoder_load": float(hw_decoder_load)}
+    if device == "mixed":  # as the loader's graphs decode (pipeline.dali._decoder)
+        extra["jpeg_fancy_upsampling"] = True
 
     arrays = [np.frombuffer(b, dtype=np.uint8) for b in blobs]
     if len(arrays) < batch_size:

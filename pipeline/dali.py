@@ -34,8 +34,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.pipeline import DataNode
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.pipeline import DataNode
+except ImportError as err:  # DALI is an extra: one build per CUDA major
+    raise ImportError(f"NVIDIA DALI does not import ({err}): install the project with its DALI build, "
+                      "`pip install -e '.[cuda12]'` (CUDA 13 hosts: '.[cuda13]'); `make setup` does") from err
 
 from pipeline.shardset import IMAGE_EXTS, LABEL_EXT
 
@@ -126,10 +130,17 @@ def decode_rrc(jpegs: DataNode, device: str, crop_size: int, rrc_scale: Sequence
 
 def _decoder(device: str, hw_decoder_load: float | None) -> dict:
     """The decoder's device ("mixed" on the GPU: nvJPEG and the hardware decoder) and, there,
-    the share of images sent to the hardware decoder (None: DALI's default)."""
+    the share of images sent to the hardware decoder (None: DALI's default).
+
+    On the GPU, `jpeg_fancy_upsampling=True`: DALI hands it to both nvImageCodec nvJPEG
+    decoders (the CUDA and the hardware one, as NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION,
+    nvJPEG 12.1+), so chroma is upsampled by interpolation as libjpeg-turbo does on the CPU
+    (its default); DALI's own default (False) duplicates chroma samples, which shifts colour
+    edges by up to a few levels against the CPU graph. The CPU decoder always upsamples so."""
     if device != "gpu":
         return {"device": "cpu"}
-    return {"device": "mixed"} if hw_decoder_load is None else {"device": "mixed", "hw_decoder_load": hw_decoder_load}
+    out = {"device": "mixed", "jpeg_fancy_upsampling": True}
+    return out if hw_decoder_load is None else {**out, "hw_decoder_load": hw_decoder_load}
 
 
 @pipeline_def(enable_conditionals=True)

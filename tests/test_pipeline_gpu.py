@@ -2,11 +2,15 @@
 stored at shorter side 64, read at crop 56), and a Ray GPU worker's device mapping.
 
 Every test here needs a CUDA GPU and DALI's CUDA build: skipped elsewhere, run by
-`make gpu-check` on a lent GPU machine. The mixed decoder (nvJPEG) and libjpeg-turbo round
-a few pixels differently, so pixels are compared within a tolerance; keys and labels exactly.
+`make gpu-check` on a lent GPU machine. Both decoders upsample chroma the same way (the GPU
+one with `jpeg_fancy_upsampling=True`, pipeline.dali._decoder; libjpeg-turbo's default on the
+CPU); what is left is the IDCT's and the colour conversion's rounding (nvJPEG's against
+libjpeg-turbo's integer IDCT), a level or so out of 255 on some pixels, so pixels are compared
+within `LEVELS` levels (see there); keys and labels exactly.
 Train: the reader's shuffle and the random crops/flips are not promised to draw the same on
-both devices, so each epoch's key set is compared, and the GPU graph against itself for the
-same seed (what a resumed run relies on).
+both devices, so each epoch's key set is compared, its per-channel statistics within the
+spread of two draws, and the GPU graph against itself for the same seed (what a resumed run
+relies on).
 """
 from __future__ import annotations
 
@@ -22,6 +26,24 @@ from pipeline import make_loader
 
 CROP, BATCH, SEED = 56, 16, 3
 TRAIN, VAL = 240, 50  # the demo_shards fixture
+# CPU against GPU decoding of the same pixels, in levels of 255 (one level is 1 / (255 x std)
+# once normalised: about 0.015 on the demo set's stats): with fancy upsampling on both sides
+# the difference left is rounding in the IDCT and the YCbCr->RGB conversion, +-1 level on some
+# pixels, unbiased. DALI's own test of the mixed decoder with jpeg_fancy_upsampling=True
+# against its CPU decoder (dali/test/python/decoder/test_image.py, test_fancy_upsampling)
+# holds the mean |difference| to 1 level (and 4 levels without fancy upsampling, its
+# consistency test); so here: a batch's mean |difference| at most 1 level per channel, and no
+# image shifted as a whole (its mean signed difference) by more than 1 level (a colour-matrix or
+# range mismatch moves whole images by several). The old bounds (0.1 and 0.05 normalised, 6.5
+# and 3 levels) compared DALI's default GPU upsampling with the CPU's fancy one. NOT MEASURED ON
+# A GPU YET (the project's machine has none): the test prints the measured figures, which
+# make gpu-check's log carries.
+LEVELS = 1.0
+# Train epochs drawn on the two devices are two independent draws of crops, flips and lighting:
+# on the CPU, 8 seeds of each train graph here differed pairwise by at most 0.0135 in a
+# channel's epoch mean and 0.0095 in its std (rrc with lighting, the widest; paper without
+# lighting: 0.004 / 0.002). Bounds of about 3x that, plus a level for the decoders.
+TRAIN_MEAN_TOL, TRAIN_STD_TOL = 0.05, 0.04
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)")]
@@ -48,6 +70,12 @@ def bounds(demo_shards) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return -mean / std, (1 - mean) / std, shift
 
 
+@pytest.fixture(scope="module")
+def level(demo_shards) -> torch.Tensor:
+    """One level of 255 per channel, once normalised: 1 / (255 x std)."""
+    return 1 / (255 * torch.tensor(json.loads((demo_shards / "stats.json").read_text())["std"]))
+
+
 def loader(shards: Path, split: str, device: str, **kw):
     return make_loader(shards, split, batch_size=BATCH, device=device, crop_size=CROP, seed=SEED,
                        num_threads=2, return_keys=True, **kw)
@@ -72,17 +100,25 @@ def check_batch(images: torch.Tensor, labels: torch.Tensor, keys: list[str], dev
 
 
 @pytest.mark.parametrize("ten_crop", [False, True], ids=["val", "ten-crop"])
-def test_val_graphs_match_cpu(demo_shards, truth, bounds, ten_crop):
+def test_val_graphs_match_cpu(demo_shards, truth, bounds, level, ten_crop):
     cpu = one_epoch(loader(demo_shards, "val", "cpu", ten_crop=ten_crop))
     gpu = one_epoch(loader(demo_shards, "val", "cuda", ten_crop=ten_crop))
     assert [k for _, _, ks in gpu for k in ks] == [k for _, _, ks in cpu for k in ks]  # same order
     assert sum(len(ks) for _, _, ks in gpu) == VAL
+    worst_mean, worst_shift = torch.zeros(3), torch.zeros(3)  # in levels, per channel
     for (gi, gl, gk), (ci, cl, _) in zip(gpu, cpu):
         check_batch(gi, gl, gk, "cuda", truth, bounds, views=10 if ten_crop else None)
         assert torch.equal(gl.cpu(), cl)
-        diff = gi.cpu() - ci
-        assert diff.abs().mean() < 0.1, "nvJPEG and libjpeg-turbo differ by a few levels, not more"
-        assert diff.flatten(2 if ten_crop else 1).mean(-1).abs().max() < 0.05, "no image is shifted as a whole"
+        diff = (gi.cpu() - ci).transpose(0, -3).flatten(1)  # [3, everything of the batch]
+        per_image = (gi.cpu() - ci).transpose(0, -3).flatten(3 if ten_crop else 2)  # [3, (views,) images, pixels]
+        mean_abs = diff.abs().mean(1) / level
+        shift = per_image.mean(-1).abs().flatten(1).max(1).values / level
+        worst_mean, worst_shift = torch.maximum(worst_mean, mean_abs), torch.maximum(worst_shift, shift)
+    print(f"\nCPU vs GPU ({'ten-crop' if ten_crop else 'val'}), levels of 255 per channel: batch mean |diff| "
+          f"at most {[round(x, 3) for x in worst_mean.tolist()]}, image shift at most "
+          f"{[round(x, 3) for x in worst_shift.tolist()]}")
+    assert (worst_mean <= LEVELS).all(), "nvJPEG and libjpeg-turbo (both fancy upsampling) differ by rounding, a level"
+    assert (worst_shift <= LEVELS).all(), "no image is shifted as a whole"
 
 
 @pytest.mark.parametrize("crop,lighting", [("rrc", True), ("rrc", False), ("paper", True), ("paper", False)])
@@ -103,7 +139,9 @@ def test_train_graphs_match_cpu(demo_shards, manifest, truth, bounds, crop, ligh
     # the two devices' epochs look alike as a whole: same per-channel statistics within noise
     g = torch.cat([i.cpu() for i, _, _ in gpu]).transpose(0, 1).reshape(3, -1)
     c = torch.cat([i for i, _, _ in cpu]).transpose(0, 1).reshape(3, -1)
-    assert (g.mean(1) - c.mean(1)).abs().max() < 0.1 and (g.std(1) - c.std(1)).abs().max() < 0.1
+    dm, ds = (g.mean(1) - c.mean(1)).abs().max().item(), (g.std(1) - c.std(1)).abs().max().item()
+    print(f"\nCPU vs GPU train {crop} lighting={lighting}: epoch mean differs by {dm:.4f}, std by {ds:.4f}")
+    assert dm < TRAIN_MEAN_TOL and ds < TRAIN_STD_TOL
 
 
 def test_next_epoch_reshuffles_on_the_gpu(demo_shards):
