@@ -4,7 +4,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# DALI's build (pyproject extras): cuda12 everywhere; cuda13 on CUDA 13 GPU hosts, in a fresh .venv
+DALI ?= cuda12
+STAMP := $(VENV)/.installed-$(DALI)
 
 IMAGENET_DIR ?=
 SHARDS_DIR ?= data/shards
@@ -15,13 +17,13 @@ WORKERS ?=
 DEMO_SHORTER_SIDE ?= 128
 DEMO_SHARD_MB ?= 4
 
-.PHONY: setup shards train test test-e2e lint bench cluster-up cluster-down gpu-check
+.PHONY: setup shards train test test-e2e lint bench cluster-up cluster-down gpu-check gpu-check-dry
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,$(DALI)]'
 	@touch $@
 
 # ruff, configured in pyproject.toml [tool.ruff]; `$(PY) -m ruff check --fix .` applies the safe fixes.
@@ -64,6 +66,12 @@ cluster-down: setup
 	@bash orchestration/cluster/local-down.sh
 
 # On a lent GPU machine (CUDA torch, no DALI, no registry), so not `setup`: DALI comes from the
-# wheel parts carried there (docs/BENCHMARKS.md "GPU check"); writes JSON + log to $OUT.
+# bundle's parts carried there (`python -m tools.gpu_bundle plan`; docs/BENCHMARKS.md "GPU check");
+# writes JSON + log to $OUT.
 gpu-check:
 	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m bench.gpu_check --out $${OUT:-runs/gpu-check}
+
+# The same check rehearsed here: the bundle's pins for this Python (prepared once per machine)
+# unpacked into a scratch site, every step in its CPU form within the same budget.
+gpu-check-dry: setup
+	$(PY) -m bench.gpu_check --dry --out $${OUT:-runs/gpu-check-dry}

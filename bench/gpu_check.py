@@ -1,38 +1,45 @@
 """`make gpu-check`: the GPU tests and the GPU benchmark, in one call on a lent GPU machine.
 
     python -m bench.gpu_check [--out DIR] [--smoke] [--budget-s N]
+    python -m bench.gpu_check --dry [--out DIR]          # `make gpu-check-dry`, on a CPU machine
 
 The lent machine has CUDA torch but no DALI and no registry. If `nvidia.dali` does not
-import, `tools.gpu_wheels` installs it from the wheel parts carried there beforehand
-(`../shared/tools/gpu-wheels plan`, in /tmp/gw) into /tmp/site and runs this script again with
-it on PYTHONPATH; the project's few pure-Python needs that the machine lacks (webdataset,
-braceexpand, tqdm) travel as `.gpu-wheels/extras` (`--bundle-extras`, here), put on PYTHONPATH
-the same way. So nothing at this module's top imports more than the standard library.
+import, the bundle carried there beforehand (`python -m tools.gpu_bundle plan`: its parts in
+/tmp/gw and `.gpu-wheels/part-N`) is unpacked into /tmp/site and this script runs again with
+it on PYTHONPATH. So nothing at this module's top imports more than the standard library.
+`--dry` rehearses that here: a bundle of the same pins for this Python (cached), unpacked into
+a scratch site that comes first on PYTHONPATH, then every step in its CPU form within the
+same budget; the JSON adds `estimated_device_minutes`, `bundle_parts` and `hardware_decoder`.
 
 Then every step runs in its own child process under its own time limit, so a step that
 fails, hangs or crashes DALI records that and the next one runs:
   machine  torch, CUDA, the GPU, DALI, cores
   corpus   a small ImageNet-like corpus drawn by the bench generator, packed at 256 (train,
            val) and at full size (train)
-  decoder  the `mixed` decoder alone at hw_decoder_load 0 / 0.5 / 0.75 / 0.9 / 1.0 and DALI's default
+  decoder  the `mixed` decoder alone at hw_decoder_load 0 / 0.5 / 0.75 / 0.9 / 1.0 and DALI's default,
+           then the proof that the hardware decoder ran: NVIDIA_DRIVER_CAPABILITIES, nvImageCodec's
+           hardware backend on its own, NVML's JPEG-decoder utilisation at load 1.0 against 0, and
+           the rates at 0 and 1.0 (`hardware_decoder` in the JSON: "used" / "not used" / null)
   auto     make_loader(..., num_threads="auto", hw_decoder_load="auto"): its choice and rate, and
            the hardware JPEG decoder's utilisation meanwhile (NVML; `nvjpg_util`)
   graphs   the train (`rrc`, `paper`) and val loaders' images/s
   model    AlexNet and AlexNet-BN bf16 forward+backward images/s, channels_last off and on
-  e2e      a few hundred training steps on the loader: data-wait share, device memory
   rebuild  10 short epochs of the train loader: per-epoch start-up cost, device memory
+  e2e      training steps on the loader, as many epochs as the rebuild cost measured just
+           before leaves room for in its limit: data-wait share, device memory
   peers    DALI `mixed` rrc against nvImageCodec and SPDL nvJPEG decode + the same rrc in torch
            (`bench.gpu_peers`; a peer whose wheel is not there is left out with the reason)
   pytest   every `gpu`-marked test
-It writes `gpu-check.json` (after every step) and `gpu-check.log` (everything printed,
-timestamped) under `--out`, and prints a table at the end. `--smoke`, and any machine
-without CUDA, runs the same steps on the CPU at tiny sizes; the CUDA-only ones are skipped
-with the reason.
+It writes `gpu-check.json` (after every step, and as a step reports partial figures) and
+`gpu-check.log` (everything printed, timestamped) under `--out`, and prints a table at the
+end. `--smoke`, and any machine without CUDA, runs the same steps on the CPU at tiny sizes;
+the CUDA-only ones are skipped with the reason.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -51,11 +58,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.gpu_wheels import EXTRA_MODULES, EXTRAS, bundle_extras, dali_missing, install_info, one_line, prepare_imports
+from tools.gpu_bundle import OUT as BUNDLE_DIR
+from tools.gpu_bundle import estimate, find_parts, one_line, prepare, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = 1
 RESULT = "GPU_CHECK_RESULT "  # a child's last line: its result as JSON
+PARTIAL = "GPU_CHECK_PARTIAL "  # a child's figures so far, kept if it is cut off
+REEXEC_ENV = "GPU_CHECK_REEXEC"  # set on the run again after unpacking: what the unpack did
+CARRIED = (Path("/tmp/gw"), BUNDLE_DIR)  # where the device calls leave the parts (tools.gpu_bundle plan)
+SITE = Path("/tmp/site")
 HW_LOADS = (0.0, 0.5, 0.75, 0.9, 1.0)
 IMAGENET_TRAIN = 1_281_167
 MIB = 2 ** 20
@@ -73,17 +85,17 @@ class Sizes:
     crop: int = 224
     decode_images: int = 1536
     warmup: int = 3
-    window: int = 10
+    window: int = 8
     repeats: int = 3
     decoder_repeats: int = 2
-    decoder_window: int = 6  # 12 decoder sources, each built anew per round: shorter windows
+    decoder_window: int = 5  # 12 decoder sources, each built anew per round: shorter windows
     model_batch: int = 256
     model_crop: int = 224
     model_steps: int = 20
     e2e_model: str = "alexnet-bn"
     e2e_batch: int = 256
-    e2e_steps: int = 300
-    e2e_warmup: int = 20
+    e2e_steps: int = 160  # at most: fewer where the rebuild step's figures say its limit would not hold them
+    e2e_warmup: int = 10
     rebuild_epochs: int = 10
     rebuild_world: int = 2  # the rebuild step reads rank 0's part of 2: half the set, 8 batches, per epoch
 
@@ -102,18 +114,18 @@ class Step:
 
 
 STEPS = (
-    Step("machine", 30, needs_corpus=False),
-    Step("corpus", 60, needs_corpus=False),
-    Step("decoder", 75, cuda_only=True),
-    Step("auto", 30),
-    Step("graphs", 40),
-    Step("model", 25, needs_corpus=False),
-    Step("e2e", 40),
-    Step("rebuild", 35),
-    Step("peers", 45, cuda_only=True),
-    Step("pytest", 110, needs_corpus=False),
+    Step("machine", 15, needs_corpus=False),
+    Step("corpus", 35, needs_corpus=False),
+    Step("decoder", 45, cuda_only=True),
+    Step("auto", 20),
+    Step("graphs", 25),
+    Step("model", 15, needs_corpus=False),
+    Step("rebuild", 20),
+    Step("e2e", 30),
+    Step("peers", 30, cuda_only=True),
+    Step("pytest", 60, needs_corpus=False),
 )
-DEFAULT_BUDGET_S = 495  # all steps' caps (490 s); the install comes before: under 9 min in all
+DEFAULT_BUDGET_S = 300  # all steps' caps (295 s); the unpack comes before (`tools.gpu_bundle plan`)
 
 
 class Skip(Exception):
@@ -126,6 +138,82 @@ class StepFailed(Exception):
     def __init__(self, message: str, result: dict) -> None:
         super().__init__(message)
         self.result = result
+
+
+# ---------------------------------------------------------------- DALI from the bundle
+def dali_missing() -> str | None:
+    """None where `nvidia.dali` imports; otherwise why not and what to do, in one line."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as err:
+        return (f"nvidia.dali does not import ({one_line(err)}); carry the bundle's parts "
+                "(python -m tools.gpu_bundle plan) and run again")
+    return None
+
+
+def run_again_with(site: Path, info: dict, argv: list[str]) -> None:
+    """Run `python -m bench.gpu_check *argv` again with `site` first on PYTHONPATH (never returns)."""
+    old = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), *old]), REEXEC_ENV: json.dumps(info)}
+    print(f"gpu-check: running again with {site} first on PYTHONPATH", flush=True)
+    os.execve(sys.executable, [sys.executable, "-m", "bench.gpu_check", *argv], env)
+
+
+def prepare_imports(argv: list[str]) -> None:
+    """On the lent machine: where DALI does not import and the bundle's parts were carried
+    (/tmp/gw, .gpu-wheels/part-N), unpack them into SITE and run again with it. Returns where
+    there is nothing to do, or with the unpack's error in REEXEC_ENV for the report."""
+    if os.environ.get(REEXEC_ENV) or not dali_missing() or find_parts(list(CARRIED))[0] is None:
+        return
+    print(f"gpu-check: unpacking the carried bundle into {SITE}", flush=True)
+    try:
+        info = unpack(list(CARRIED), SITE)
+    except (OSError, ValueError) as err:
+        os.environ[REEXEC_ENV] = json.dumps({"error": one_line(err)})
+        return
+    run_again_with(SITE, info, argv)
+
+
+def prepare_dry(argv: list[str]) -> None:
+    """`--dry`: the bundle's pins for this Python (prepared once per machine, under
+    ~/.cache/alexnet-dali/gpu-bundle/), unpacked into a scratch site, and the run again with it."""
+    from tools.gpu_bundle import DROP_DIRS, DROP_FILES, PINS
+
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    preset = "6"  # the device bundle is 9e: same files, 10 min less to compress here, a few % larger
+    key = hashlib.sha256(repr((PINS.read_text(), DROP_DIRS, DROP_FILES, preset)).encode()).hexdigest()[:12]
+    out = Path.home() / ".cache" / "alexnet-dali" / "gpu-bundle" / f"py{python}-{key}"
+    t0 = time.perf_counter()
+    try:
+        if not find_parts([out])[1]:
+            print(f"gpu-check --dry: preparing the bundle for Python {python} in {out} (once per machine)", flush=True)
+            prepare(out, python, preset, cache=out.parent / f"wheels-py{python}")
+        site = Path(tempfile.mkdtemp(prefix="alexnet-gpu-dry-site-"))
+        info = {**unpack([out], site), "bundle": str(out), "scratch": True,
+                "prepare_s": round(time.perf_counter() - t0, 1)}
+    except (OSError, ValueError, SystemExit) as err:
+        os.environ[REEXEC_ENV] = json.dumps({"error": f"the rehearsal's bundle: {one_line(err)}"})
+        return
+    run_again_with(site, info, argv)
+
+
+def dry_figures(install: dict, budget_s: float) -> dict:
+    """The rehearsal's answer for the device: parts and device minutes of the device bundle
+    (`.gpu-wheels`, where prepared), else of the rehearsal's own, with the unpack time measured here."""
+    from tools.gpu_bundle import load_info
+
+    out: dict[str, Any] = {"bundle": install.get("bundle"), "unpack_s": install.get("unpack_s")}
+    bundles = {"device bundle (.gpu-wheels)": BUNDLE_DIR, "the rehearsal's bundle": Path(install.get("bundle") or "-")}
+    for source, where in bundles.items():
+        if find_parts([where])[0] is None:
+            continue
+        info = load_info(where)
+        plan = estimate(info, budget_s, install.get("unpack_s"))
+        out.update(bundle_parts=len(info["parts"]), bundle_parts_source=source,
+                   estimated_device_minutes=plan["estimated_device_minutes"],
+                   device_plan={"python": info["python"], "compressed_mib": info["compressed_mib"], **plan})
+        break
+    return out
 
 
 # ---------------------------------------------------------------- the run: log, report, steps
@@ -149,20 +237,26 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_step(step: Step, ctx_file: Path, timeout_s: float, log: Log, env: dict) -> dict:
+def run_step(step: Step, ctx_file: Path, timeout_s: float, log: Log, env: dict,
+             on_partial: Callable[[dict], None] = lambda partial: None) -> dict:
     """Run one step in a child process, its output into the log; kill it (and whatever it
-    started) at `timeout_s`. Returns its entry for the report."""
+    started) at `timeout_s`. Returns its entry for the report; `on_partial(figures)` as the
+    child reports figures on the way (kept in the entry if it is cut off)."""
     cmd = [sys.executable, "-m", "bench.gpu_check", "--step", step.name, "--ctx", str(ctx_file)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     payload: dict = {}
+    partial: dict = {}
     tail: deque[str] = deque(maxlen=40)
 
     def read() -> None:
         for line in proc.stdout:
             if line.startswith(RESULT):
                 payload.update(json.loads(line[len(RESULT):]))
+            elif line.startswith(PARTIAL):
+                partial.update(json.loads(line[len(PARTIAL):]))
+                on_partial(partial)
             else:
                 tail.append(line.rstrip())
                 log.say(f"  [{step.name}] {line.rstrip()}")
@@ -180,6 +274,8 @@ def run_step(step: Step, ctx_file: Path, timeout_s: float, log: Log, env: dict) 
     entry = {"status": payload.get("status", "error"), "seconds": round(time.perf_counter() - t0, 2),
              "timeout_s": round(timeout_s, 1), "result": payload.get("result"), "error": payload.get("error"),
              "reason": payload.get("reason")}
+    if partial and entry["status"] != "ok":
+        entry["partial"] = partial
     if timed_out:
         entry.update(status="timeout", error=f"killed after its {timeout_s:.0f} s limit (--budget-s / --step-budget)",
                      tail=list(tail)[-15:])
@@ -203,10 +299,13 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
     report_path = out / "gpu-check.json"
     started = time.perf_counter()
     report: dict[str, Any] = {"schema": SCHEMA, "started": dt.datetime.now().isoformat(timespec="seconds"),
-                              "argv": argv, "budget_s": args.budget_s, "mode": None, "steps": {}}
-    install = install_info()
+                              "argv": argv, "budget_s": args.budget_s, "mode": None, "dry": args.dry,
+                              "hardware_decoder": None, "steps": {}}
+    install = json.loads(os.environ.get(REEXEC_ENV) or "{}")
     report["install"] = install
-    dali_error = dali_missing()
+    if args.dry:
+        report.update(dry_figures(install, args.budget_s))
+    dali_error = install.get("error") or dali_missing()
     if dali_error:
         report.update(ok=False, error=dali_error)
         write_json(report_path, report)
@@ -216,7 +315,8 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
     work.mkdir(parents=True, exist_ok=True)
     timeouts = plan_timeouts(args.budget_s, dict(args.step_budget))
     deadline = started + args.budget_s
-    ctx: dict[str, Any] = {"work": str(work), "fail": args.fail, "device": "cpu", "sizes": asdict(SMOKE)}
+    ctx: dict[str, Any] = {"work": str(work), "fail": args.fail, "device": "cpu", "sizes": asdict(SMOKE),
+                           "site": install.get("site") if args.dry else None, "timeouts": timeouts}
     ctx_file = work / "ctx.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(
         [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))}
@@ -232,24 +332,38 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
             entry = {"status": "skipped", "reason": f"the run's budget ({args.budget_s:.0f} s) is spent"}
         else:
             log.say(f"== {step.name} (at most {min(timeouts[step.name], left):.0f} s)")
-            entry = run_step(step, ctx_file, min(timeouts[step.name], left), log, env)
+            ctx["timeouts"][step.name] = min(timeouts[step.name], left)
+            write_json(ctx_file, ctx)
+
+            def partial(figures: dict, name: str = step.name) -> None:
+                report["steps"][name] = {"status": "running", "partial": figures}
+                write_json(report_path, report)
+
+            entry = run_step(step, ctx_file, min(timeouts[step.name], left), log, env, partial)
         report["steps"][step.name] = entry
         log.say(f"== {step.name}: {entry['status']}" + "".join(
             f" ({entry[k]})" for k in ("error", "reason") if entry.get(k)))
         if step.name == "machine":
             cuda = entry["status"] == "ok" and entry["result"]["cuda"]
             ctx["device"] = "cuda" if cuda and not args.smoke else "cpu"
-            report["mode"] = "gpu" if ctx["device"] == "cuda" else "smoke"
-            report["mode_reason"] = ("CUDA GPU" if ctx["device"] == "cuda" else
+            report["mode"] = "gpu" if ctx["device"] == "cuda" else "dry" if args.dry else "smoke"
+            report["mode_reason"] = ("CUDA GPU" if ctx["device"] == "cuda" else "--dry" if args.dry else
                                      "--smoke" if args.smoke else "torch sees no CUDA GPU")
             sizes = Sizes() if ctx["device"] == "cuda" else SMOKE
             ctx["sizes"] = report["sizes"] = asdict(sizes)
             ctx["threads"] = (entry["result"] or {}).get("cores") or os.cpu_count() or 1
         if step.name == "corpus" and entry["status"] == "ok":
             ctx["corpus"] = entry["result"]
+        if step.name in ("model", "rebuild") and entry["status"] == "ok":
+            ctx[step.name] = entry["result"]  # e2e sizes its run from them
+        if step.name == "decoder" and (entry.get("result") or {}).get("hardware_decoder"):
+            report["hardware_decoder"] = entry["result"]["hardware_decoder"]
         report["wall_s"] = round(time.perf_counter() - started, 1)
         write_json(report_path, report)
     bad = [n for n, e in report["steps"].items() if e["status"] in ("error", "timeout")]
+    if report["hardware_decoder"] and report["hardware_decoder"]["verdict"] == "not used":
+        log.say(f"gpu-check: hardware decoder not used ({report['hardware_decoder']['why']}): the decoder "
+                "and auto figures are nvJPEG's CUDA path only")
     report.update(ok=not bad, failed=bad, finished=dt.datetime.now().isoformat(timespec="seconds"),
                   wall_s=round(time.perf_counter() - started, 1))
     write_json(report_path, report)
@@ -258,6 +372,8 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
     log.say(f"gpu-check: {'all steps ran' if not bad else 'failed: ' + ', '.join(bad)}; wrote {report_path}")
     if not args.keep_work and not args.work:
         shutil.rmtree(work, ignore_errors=True)
+    if install.get("scratch"):  # the rehearsal's site
+        shutil.rmtree(install["site"], ignore_errors=True)
     return 0 if not bad else 1
 
 
@@ -280,11 +396,16 @@ def headline(name: str, r: dict) -> str:
     if name == "corpus":
         return f"{r['train_images']} train + {r['val_images']} val images in {r['seconds']:.0f} s"
     if name == "decoder":
-        return "mixed 256: " + ", ".join(f"{k} {rate(v)}" for k, v in r["rates"]["256"].items())
+        hw = r.get("hardware_decoder") or {}
+        return (f"hardware decoder {hw.get('verdict')}; mixed 256: "
+                + ", ".join(f"{k} {rate(v)}" for k, v in r["rates"]["256"].items()))
     if name == "auto":
         nvjpg = r.get("nvjpg_util")
         busy = f", NVJPG busy {nvjpg['mean']:.0%} (max {nvjpg['max']:.0%})" if nvjpg else ""
-        return f"chose threads {r['num_threads']}, hw load {r['hw_decoder_load']}: {rate(r['images_per_s'])}{busy}"
+        hw = (r.get("tuning") or {}).get("hardware_decoder")
+        said = f", hardware decoder {hw}" if hw else ""
+        return (f"chose threads {r['num_threads']}, hw load {r['hw_decoder_load']}: {rate(r['images_per_s'])}"
+                f"{busy}{said}")
     if name == "graphs":
         return ", ".join(f"{k} {rate(v['images_per_s'])}" for k, v in r["loaders"].items())
     if name == "model":
@@ -305,8 +426,12 @@ def run_child(name: str, ctx_file: Path) -> int:
     ctx = json.loads(Path(ctx_file).read_text())
     payload: dict[str, Any]
     try:
-        for spec in ctx["fail"]:  # --fail NAME[:hang]: break one step on purpose
+        for spec in ctx["fail"]:  # --fail NAME[:hang|:late]: break one step on purpose
             if spec.split(":")[0] == name:
+                if spec.endswith(":late"):
+                    global _DIE_AFTER_PARTIAL
+                    _DIE_AFTER_PARTIAL = True
+                    continue
                 if spec.endswith(":hang"):
                     print(f"{name}: hanging on purpose (--fail {spec})", flush=True)
                     time.sleep(10 ** 6)
@@ -321,6 +446,17 @@ def run_child(name: str, ctx_file: Path) -> int:
         payload = {"status": "error", "error": one_line(err)}
     print(RESULT + json.dumps(payload, default=str), flush=True)
     return 0
+
+
+_DIE_AFTER_PARTIAL = False  # --fail STEP:late: the step's process dies after its first partial report
+
+
+def partial(**figures: Any) -> None:
+    """Report figures so far: kept in the JSON if the step is cut off (its limit, a crash)."""
+    print(PARTIAL + json.dumps(figures, default=str), flush=True)
+    if _DIE_AFTER_PARTIAL:
+        print("dying on purpose after a partial report (--fail STEP:late)", flush=True)
+        os._exit(3)
 
 
 def _sizes(ctx: dict) -> Sizes:
@@ -355,14 +491,29 @@ def step_machine(ctx: dict) -> dict:
 
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "cuda": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
-                            "cores": len(os.sched_getaffinity(0)), "gpu": None}
+                            "cores": len(os.sched_getaffinity(0)), "gpu": None,
+                            # the container's driver capabilities: the hardware JPEG decoder needs "video"
+                            "nvidia_driver_capabilities": os.environ.get("NVIDIA_DRIVER_CAPABILITIES")}
     try:
         import nvidia.dali
 
         info["dali"] = nvidia.dali.__version__
+        info["dali_from"] = str(Path(nvidia.dali.__file__).parent)
     except ImportError as err:
         info["dali"] = None
         info["dali_error"] = one_line(err)
+    from importlib.metadata import PackageNotFoundError, version
+
+    info["versions"] = {}
+    for dist in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-nvimgcodec-cu13", "nvidia-nvimgcodec-cu12",
+                 "nvidia-nvjpeg", "nvidia-nvjpeg-cu12", "pydantic", "webdataset"):
+        try:
+            info["versions"][dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    if ctx.get("site") and not str(info.get("dali_from", "")).startswith(ctx["site"]):
+        raise RuntimeError(f"DALI imports from {info.get('dali_from')}, not from the unpacked bundle {ctx['site']}: "
+                           "the rehearsal would not test the bundle")
     if info["cuda"]:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
@@ -426,8 +577,68 @@ def step_decoder(ctx: dict) -> dict:
     for name, (key, label) in names.items():
         rates[key][label] = timed[name]["images_per_s"]
     best = {key: max(r, key=lambda k: r[k]["median"]) for key, r in rates.items()}
-    return {"threads": ctx["threads"], "batch": s.batch, "images": s.decode_images, "rates": rates, "best": best,
-            "first_batch_s": {n: timed[n]["first_batch_s"]["median"] for n in names}}
+    out = {"threads": ctx["threads"], "batch": s.batch, "images": s.decode_images, "rates": rates, "best": best,
+           "first_batch_s": {n: timed[n]["first_batch_s"]["median"] for n in names}}
+    partial(**out)
+    blobs = load_jpegs(Path(ctx["corpus"]["shards_256"]), limit=s.decode_images)
+    util = {}
+    for load in (0.0, 1.0):  # NVML's JPEG-decoder utilisation while each share decodes
+        source = dali_decode_source(f"mixed 256 hw_decoder_load {load:g}", blobs, "mixed", ctx["threads"], s.batch,
+                                    load)
+        with NvjpgSampling(ctx["device"]) as nvjpg:
+            batches = source.open()
+            try:
+                for _, _ in zip(range(3 * s.decoder_window), batches):
+                    pass
+                _sync(ctx)
+            finally:
+                batches.close()
+        util[f"{load:g}"] = nvjpg.summary()
+    out["hardware_decoder"] = hardware_verdict(os.environ.get("NVIDIA_DRIVER_CAPABILITIES"), nvimgcodec_hw(blobs[0]),
+                                               util, rates["256"]["0"], rates["256"]["1"])
+    return out
+
+
+def nvimgcodec_hw(jpeg: bytes) -> dict:
+    """Whether nvImageCodec's hardware JPEG backend alone decodes an image here (the library
+    DALI's `mixed` decoder goes through): {"ok": bool, "reason": ...}."""
+    try:
+        from nvidia import nvimgcodec
+
+        decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)])
+        image = decoder.decode(jpeg)
+    except Exception as err:  # noqa: BLE001  not loadable here is the finding
+        return {"ok": False, "reason": one_line(err)}
+    if image is None:
+        return {"ok": False, "reason": "the hardware backend decoded nothing (not loaded, or no JPEG engine)"}
+    return {"ok": True, "shape": list(image.shape)}
+
+
+def hardware_verdict(capabilities: str | None, hw_backend: dict, util: dict[str, dict | None], rate_0: dict,
+                     rate_1: dict) -> dict:
+    """"not used" where nvImageCodec's hardware backend does not decode, or NVML saw the JPEG
+    engines idle all through load 1.0, or, where NVML does not read, loads 0 and 1.0 decode at
+    the same rate within their spread across rounds. NVML's busy engines are direct evidence
+    (as in `pipeline.tuning.hardware_verdict`): equal rates then only say that the hardware
+    decoder is no faster here, and are noted."""
+    why, notes = [], []
+    if capabilities is not None and not ({"all", "video"} & set(capabilities.replace(" ", "").split(","))):
+        notes.append(f"NVIDIA_DRIVER_CAPABILITIES={capabilities} lacks video")
+    if not hw_backend["ok"]:
+        why.append(f"nvImageCodec's hardware backend: {hw_backend['reason']}")
+    at_1 = util.get("1")
+    overlap = rate_1["min"] <= rate_0["max"] and rate_0["min"] <= rate_1["max"]
+    same = (f"hw_decoder_load 0 and 1.0 decode at the same rate within noise ({rate_0['median']:.0f} and "
+            f"{rate_1['median']:.0f} images/s, ranges overlap)")
+    if at_1 is not None and at_1["max"] == 0:
+        why.append(f"NVML: JPEG decoder utilisation 0 over {at_1['samples']} samples at hw_decoder_load 1.0")
+    elif at_1 is None and overlap:
+        why.append(same + "; NVML did not read")
+    elif overlap:
+        notes.append(same + ": busy, but no faster here")
+    return {"verdict": "not used" if why else "used", "why": "; ".join(why + notes) if why else None,
+            "notes": notes, "nvidia_driver_capabilities": capabilities, "nvimgcodec_hw_backend": hw_backend,
+            "nvjpg_util": util, "images_per_s": {"0": rate_0["median"], "1": rate_1["median"]}}
 
 
 def _loader(ctx: dict, split: str = "train", **kw):
@@ -531,15 +742,34 @@ def step_model(ctx: dict) -> dict:
         for (m, cl), key in zip(configs, runs):
             runs[key].append(model_rate(m, cl, s.model_batch, s.model_crop, s.model_steps, ctx["device"]))
             print(f"  round {r + 1}/{s.repeats}  {key:<32} {runs[key][-1]:9.1f} images/s", flush=True)
+        partial(rounds=r + 1, images_per_s=runs)
     rates = {k: {"images_per_s": figure(v)["median"], "figure": figure(v)} for k, v in runs.items()}
     return {"device": ctx["device"], "dtype": "bf16 autocast" if _cuda(ctx) else "fp32", "batch": s.model_batch,
             "crop": s.model_crop, "steps": s.model_steps, "rates": rates}
 
 
+def e2e_steps(ctx: dict, batches_per_epoch: int) -> tuple[int, dict]:
+    """How many timed steps fit in half the e2e step's limit, from what the rebuild step just
+    measured (the start-up of an epoch, the steady batch) and the model step's rate; at most
+    `e2e_steps`, at least one epoch. Without those figures: one epoch and a half."""
+    s = _sizes(ctx)
+    rebuild, model = ctx.get("rebuild"), ctx.get("model")
+    if not rebuild or not model:
+        return min(s.e2e_steps, max(1, batches_per_epoch * 3 // 2)), {"from": "default: no rebuild/model figures"}
+    train = model["rates"].get(f"{s.e2e_model} channels_last on") or next(iter(model["rates"].values()))
+    batch_s = s.e2e_batch / rebuild["steady_images_per_s"] + s.e2e_batch / train["images_per_s"]
+    epoch_s = rebuild["start_up_s"]["max"] + batches_per_epoch * batch_s
+    room = 0.5 * ctx["timeouts"]["e2e"] - 2 * rebuild["epochs"][0]["first_batch_s"]  # build and warm-up
+    epochs = max(1.0, room / epoch_s)
+    steps = max(1, min(s.e2e_steps, int(epochs * batches_per_epoch) - s.e2e_warmup))
+    return steps, {"from": "rebuild and model steps", "epoch_s": round(epoch_s, 3), "room_s": round(room, 1)}
+
+
 def step_e2e(ctx: dict) -> dict:
     """Training steps on the loader (bf16 autocast on the GPU, channels_last, SGD), each timed as the
     wait for the next batch against the whole step (`bench.e2e.train_steps`, the device
-    synchronised at its end), and the device memory at the end."""
+    synchronised at its end), and the device memory at the end. As many steps as the rebuild
+    step's figures say fit (`e2e_steps`): every epoch rebuilds the pipeline."""
     import torch
 
     from bench.e2e import train_steps
@@ -549,16 +779,18 @@ def step_e2e(ctx: dict) -> dict:
     s, device = _sizes(ctx), ctx["device"]
     crop = s.crop if _cuda(ctx) else s.model_crop
     loader = _loader(ctx, crop_size=crop, batch_size=s.e2e_batch)
+    steps, sized = e2e_steps(ctx, len(loader))
+    print(f"  {steps} timed steps ({len(loader)} per epoch; {sized})", flush=True)
     torch.manual_seed(0)
     net = build_model(s.e2e_model, num_classes=ctx["corpus"]["classes"]).to(device).train()
     net = net.to(memory_format=torch.channels_last)
     if _cuda(ctx):
         torch.cuda.reset_peak_memory_stats()
     # CPU bf16 is slow and not the point: fp32 there
-    run = train_steps(loader, net, device, s.e2e_steps, s.e2e_warmup, windows=5, bf16=_cuda(ctx),
+    run = train_steps(loader, net, device, steps, s.e2e_warmup, windows=min(5, steps), bf16=_cuda(ctx),
                       channels_last=True, weight_decay=5e-5)
     out = {"device": device, "model": s.e2e_model, "precision": "bf16 autocast" if _cuda(ctx) else "fp32",
-           "batch": s.e2e_batch, "crop": crop, **run, "rss_mib": rss_mib()}
+           "batch": s.e2e_batch, "crop": crop, **run, "steps_sized": sized, "rss_mib": rss_mib()}
     if _cuda(ctx):
         out.update(max_memory_allocated_mib=round(torch.cuda.max_memory_allocated() / MIB, 1),
                    device_memory_mib=_device_memory_mib())
@@ -582,6 +814,7 @@ def step_rebuild(ctx: dict) -> dict:
                        "epoch_s": round(run["pass_s"], 4), "batches": run["batches"],
                        "device_used_mib": mem["used"] if mem else None, "rss_mib": run["rss_mib"]})
         e = epochs[-1]
+        partial(epochs=epochs)
         print(f"  epoch {e['epoch']}: first batch {e['first_batch_s']:.3f} s of {e['epoch_s']:.3f} s, "
               f"{e['batches']} batches, {'device ' + str(mem['used']) if mem else 'rss ' + str(e['rss_mib'])} MiB",
               flush=True)
@@ -664,13 +897,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="the whole run's time bound; every step's limit scales with it")
     p.add_argument("--step-budget", type=_step_budget, action="append", default=[], metavar="STEP=SECONDS",
                    help="one step's time limit")
-    p.add_argument("--fail", action="append", default=[], metavar="STEP[:hang]",
-                   help="break a step on purpose (raise, or hang until its limit): tests the isolation")
+    p.add_argument("--fail", action="append", default=[], metavar="STEP[:hang|:late]",
+                   help="break a step on purpose (raise; hang until its limit; die after its first partial "
+                   "figures): tests the isolation")
     p.add_argument("--work", help="where the corpus goes (default: a temporary folder, removed at the end)")
     p.add_argument("--keep-work", action="store_true")
-    p.add_argument("--bundle-extras", nargs="?", type=Path, const=EXTRAS, metavar="DIR",
-                   help=f"copy {', '.join(EXTRA_MODULES)} into DIR (default {EXTRAS.relative_to(ROOT)}) to carry "
-                   "to the GPU machine, and stop")
+    p.add_argument("--dry", action="store_true",
+                   help="rehearse on this CPU machine: the bundle for this Python unpacked into a scratch site, "
+                   "every step in its CPU form (`make gpu-check-dry`)")
     p.add_argument("--step", choices=sorted(STEP_FUNCS), help=argparse.SUPPRESS)
     p.add_argument("--ctx", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -685,9 +919,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.step:
         return run_child(args.step, args.ctx)
-    if args.bundle_extras:
-        return bundle_extras(args.bundle_extras)
-    prepare_imports("bench.gpu_check", argv)
+    if args.dry:
+        args.smoke = True
+        if not os.environ.get(REEXEC_ENV):
+            prepare_dry(argv)  # runs this again with the bundle, or returns with its error
+    else:
+        prepare_imports(argv)
     return check(args, argv)
 
 
