@@ -291,6 +291,18 @@ def plan_timeouts(budget_s: float, overrides: dict[str, float]) -> dict[str, flo
     return {s.name: overrides.get(s.name, s.budget_s * scale) for s in STEPS}
 
 
+def step_limit(step: Step, left: float, planned: dict[str, float], overrides: dict[str, float],
+               to_run: list[Step]) -> float:
+    """A step's limit: its planned share of what is left of the budget, shared with the steps
+    still to run (`to_run`, this one included), so time an earlier step did not use (or a
+    step skipped here) goes to the later ones; `--step-budget` values as given."""
+    if step.name in overrides:
+        return min(overrides[step.name], left)
+    fixed = sum(min(overrides[s.name], left) for s in to_run if s.name in overrides)
+    shares = sum(planned[s.name] for s in to_run if s.name not in overrides)
+    return max(0.0, min(left, (left - fixed) * planned[step.name] / shares))
+
+
 def check(args: argparse.Namespace, argv: list[str]) -> int:
     """The whole check: install, then every step in turn, the report after each."""
     out = Path(args.out)
@@ -313,17 +325,19 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="alexnet-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    timeouts = plan_timeouts(args.budget_s, dict(args.step_budget))
+    overrides = dict(args.step_budget)
+    timeouts = plan_timeouts(args.budget_s, overrides)
     deadline = started + args.budget_s
     ctx: dict[str, Any] = {"work": str(work), "fail": args.fail, "device": "cpu", "sizes": asdict(SMOKE),
-                           "site": install.get("site") if args.dry else None, "timeouts": timeouts}
+                           "site": install.get("site") if args.dry else None, "timeouts": dict(timeouts)}
     ctx_file = work / "ctx.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(
         [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))}
     log.say(f"gpu-check: out {out}, work {work}, budget {args.budget_s:.0f} s")
-    for step in STEPS:
+    for i, step in enumerate(STEPS):
         write_json(ctx_file, ctx)
         left = deadline - time.perf_counter()
+        to_run = [s for s in STEPS[i:] if not (s.cuda_only and ctx["device"] != "cuda")]
         if step.cuda_only and ctx["device"] != "cuda":
             entry = {"status": "skipped", "reason": f"needs CUDA; this run is on the CPU ({report['mode_reason']})"}
         elif step.needs_corpus and "corpus" not in ctx:
@@ -331,15 +345,16 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
         elif left < 5:
             entry = {"status": "skipped", "reason": f"the run's budget ({args.budget_s:.0f} s) is spent"}
         else:
-            log.say(f"== {step.name} (at most {min(timeouts[step.name], left):.0f} s)")
-            ctx["timeouts"][step.name] = min(timeouts[step.name], left)
+            limit = step_limit(step, left, timeouts, overrides, to_run)
+            log.say(f"== {step.name} (at most {limit:.0f} s)")
+            ctx["timeouts"][step.name] = limit
             write_json(ctx_file, ctx)
 
             def partial(figures: dict, name: str = step.name) -> None:
                 report["steps"][name] = {"status": "running", "partial": figures}
                 write_json(report_path, report)
 
-            entry = run_step(step, ctx_file, min(timeouts[step.name], left), log, env, partial)
+            entry = run_step(step, ctx_file, limit, log, env, partial)
         report["steps"][step.name] = entry
         log.say(f"== {step.name}: {entry['status']}" + "".join(
             f" ({entry[k]})" for k in ("error", "reason") if entry.get(k)))
@@ -894,7 +909,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default="runs/gpu-check", help="where gpu-check.json and gpu-check.log go")
     p.add_argument("--smoke", action="store_true", help="the CPU run at tiny sizes (also when CUDA is absent)")
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                   help="the whole run's time bound; every step's limit scales with it")
+                   help="the whole run's time bound, shared by the steps (what one leaves goes to the later ones)")
     p.add_argument("--step-budget", type=_step_budget, action="append", default=[], metavar="STEP=SECONDS",
                    help="one step's time limit")
     p.add_argument("--fail", action="append", default=[], metavar="STEP[:hang|:late]",

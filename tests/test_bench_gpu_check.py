@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_check import SMOKE, STEPS, hardware_verdict
+from bench.gpu_check import DEFAULT_BUDGET_S, SMOKE, STEPS, hardware_verdict, plan_timeouts, step_limit
 from tools import gpu_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,6 +270,21 @@ def test_the_bundle_pins_are_exact_and_agree_with_the_project():
     assert {"nvidia-dali-cuda130", "nvidia-nvjpeg", "webdataset", "pydantic"} <= shared
     assert {k: pins[k] for k in shared} == {k: declared[k] for k in shared}
     assert pins["nvidia-dali-cuda130"] == declared.get("nvidia-dali-cuda120", pins["nvidia-dali-cuda130"])
+
+
+def test_steps_share_the_budget_and_pass_on_what_they_leave():
+    assert sum(s.budget_s for s in STEPS) <= DEFAULT_BUDGET_S == 300
+    planned = plan_timeouts(300, {})
+    by = {s.name: s for s in STEPS}
+    gpu = list(STEPS)
+    assert step_limit(by["machine"], 300, planned, {}, gpu) == pytest.approx(300 * 15 / 295)
+    # on the CPU the CUDA steps are skipped: their shares, and the time earlier steps left, go to the rest
+    cpu_rest = [by[n] for n in ("model", "rebuild", "e2e", "pytest")]
+    assert step_limit(by["model"], 270, planned, {}, cpu_rest) == pytest.approx(270 * 15 / 125)
+    # a --step-budget is as given (at most what is left), and the others share the rest
+    assert step_limit(by["model"], 270, planned, {"model": 4}, cpu_rest) == 4
+    assert step_limit(by["e2e"], 270, planned, {"pytest": 100}, cpu_rest[2:]) == pytest.approx(170.0)
+    assert step_limit(by["pytest"], 3, planned, {"pytest": 100}, cpu_rest[3:]) == 3
 
 
 @pytest.mark.parametrize("case,verdict", [
