@@ -251,9 +251,12 @@ def test_plan_estimates_the_device_minutes_and_says_whether_they_fit(tmp_path):
     (tmp_path / "part-0").mkdir()
     (tmp_path / "part-0" / "bundle.json").write_text(json.dumps(info))
     lines = gpu_bundle.plan(tmp_path, budget_s=300)
-    assert sum(ln.strip().startswith("call ") for ln in lines) == 3 and "make gpu-check" in lines[-3]
-    assert lines[-2].startswith(f"Estimate: {est['estimated_device_minutes']:.1f} device minutes")
-    assert "fits" in lines[-2]
+    assert sum(ln.strip().startswith("call ") for ln in lines) == 3 and "make gpu-check" in lines[-4]
+    assert lines[-3].startswith(f"Estimate: {est['estimated_device_minutes']:.1f} device minutes")
+    assert "fits" in lines[-3]
+    tree = gpu_bundle.tree_mib()
+    assert 0.5 < tree < 4  # this checkout's files, without .venv, data/ or .gpu-wheels/
+    assert lines[-2].startswith(f"Each call also sends the working tree ({tree:.1f} MiB)") and "TOO" not in lines[-2]
 
 
 def test_the_bundle_pins_are_exact_and_agree_with_the_project():

@@ -263,6 +263,17 @@ def estimate(info: dict, budget_s: float, unpack_s: float | None = None) -> dict
                             "unpack_mib_per_s": UNPACK_MIB_PER_S if unpack_s is None else None}}
 
 
+def tree_mib(root: Path = ROOT) -> float | None:
+    """What every device call sends besides what it carries: the tracked files and the
+    untracked ones git does not ignore (None outside a git checkout)."""
+    try:
+        names = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=root, check=True,
+                               capture_output=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sum((root / n).stat().st_size for n in names if n and (root / n).is_file()) / MIB
+
+
 def load_info(out: Path = OUT) -> dict:
     found = sorted(out.glob("part-*/bundle.json"))
     if not found:
@@ -290,6 +301,12 @@ def plan(out: Path = OUT, budget_s: float = 300) -> list[str]:
                  f"(~{START_S:.0f} s); a rerun of call {n} ~{est['rerun_s'] / 60:.1f} min more: "
                  + ("fits" if est["fits"] else "DOES NOT FIT")
                  + f" ({FIT_S // 60} min, {DEVICE_S // 60} with the rerun)")
+    tree = tree_mib()
+    biggest = max(p["bytes"] for p in info["parts"]) / MIB + 0.01
+    if tree is not None:
+        lines.append(f"Each call also sends the working tree ({tree:.1f} MiB): the largest call is "
+                     f"{biggest + tree:.1f} of {CALL_MIB} MiB" + ("" if biggest + tree <= CALL_MIB else
+                                                                   ": TOO LARGE, prepare with a smaller --part-mib"))
     lines.append("If the machine went back between calls, /tmp/gw is gone: start again at call 1.")
     return lines
 
