@@ -29,6 +29,27 @@ def terminate(proc: subprocess.Popen | None) -> None:
             proc.wait()
 
 
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc: subprocess.Popen, probe, what: str, timeout_s: float = 30) -> None:
+    """Call `probe()` until it stops raising OSError; fail with `what` if the server exits or
+    `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            probe()
+            return
+        except OSError as err:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start") from err
+            time.sleep(0.1)
+
+
 @dataclass
 class LocalS3:
     """moto's S3 server (`moto_server`) on a free port of 127.0.0.1, in a child process.
@@ -45,22 +66,14 @@ class LocalS3:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> LocalS3:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0" if self.auth else "inf"}
         moto = Path(sys.executable).with_name("moto_server")
         self.proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
-                return self
-            except OSError as err:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {self.endpoint}") from err
-                time.sleep(0.1)
+        wait_ready(self.proc, lambda: urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close(),
+                   f"moto_server on {self.endpoint}")
+        return self
 
     def stop(self) -> None:
         terminate(self.proc)
@@ -213,21 +226,13 @@ class S3rver:
         command = s3rver_command()
         if command is None:
             raise RuntimeError("s3rver not found: set S3RVER to its bin/s3rver.js (npm install s3rver@3.7.1)")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.proc = subprocess.Popen([*command, "-d", str(self.root), "-a", "127.0.0.1", "-p", str(self.port), "-s",
                                       "--configure-bucket", self.bucket],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError as err:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"s3rver did not start on {self.endpoint}") from err
-                time.sleep(0.1)
+        wait_ready(self.proc, lambda: socket.create_connection(("127.0.0.1", self.port), timeout=1).close(),
+                   f"s3rver on {self.endpoint}")
+        return self
 
     def stop(self) -> None:
         terminate(self.proc)
