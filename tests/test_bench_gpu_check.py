@@ -21,23 +21,17 @@ from bench.gpu_check import DEFAULT_BUDGET_S, SMOKE, STEPS, hardware_verdict, pl
 from tools import gpu_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_TEST_FILES = ["tests/test_pipeline_gpu.py", "tests/test_pipeline_dali.py", "tests/test_orchestration_hot_path.py"]
 
 # A sitecustomize that makes this interpreter look like the lent GPU machine: the modules in
-# BLOCK do not import, except from the folder named by GPU_CHECK_TEST_EXTRAS (the carried extras).
+# BLOCK do not import (tests/e2e/test_gpu_check_dry.py has the variant that lets the bundle in).
 BLOCKER = '''
-import importlib.machinery, os, sys
+import os, sys
 BLOCK = set(os.environ["GPU_CHECK_TEST_BLOCK"].split(","))
-EXTRAS = os.environ.get("GPU_CHECK_TEST_EXTRAS")
 
 class Lent:
     def find_spec(self, name, path=None, target=None):
         if name in BLOCK or name.split(".")[0] in BLOCK:
-            spec = (importlib.machinery.PathFinder.find_spec(name, path if "." in name else [EXTRAS])
-                    if EXTRAS and name.split(".")[0] not in ("ray", "moto", "nvidia") else None)
-            if spec is None:
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked: not on the GPU machine)", name=name)
-            return spec
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: not on the GPU machine)", name=name)
         return None
 
 sys.meta_path.insert(0, Lent())
@@ -49,14 +43,11 @@ def run_check(out: Path, *args: str, env: dict | None = None, timeout: float = 1
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
-def lent_machine_env(tmp: Path, block: list[str], extras: Path | None = None) -> dict:
+def lent_machine_env(tmp: Path, block: list[str]) -> dict:
     site = tmp / "lent-site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(BLOCKER)
-    env = {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "GPU_CHECK_TEST_BLOCK": ",".join(block)}
-    if extras is not None:
-        env["GPU_CHECK_TEST_EXTRAS"] = str(extras)
-    return env
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "GPU_CHECK_TEST_BLOCK": ",".join(block)}
 
 
 @pytest.fixture(scope="module")
