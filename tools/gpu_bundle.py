@@ -44,8 +44,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 DROP_DIRS = ("nvidia/dali/include", "nvidia/nvimgcodec/include", "nvidia/nvimgcodec/tools", "nvidia/cu13/include")
 # nvImageCodec's extensions for formats the shards never hold, whose libraries (nvJPEG2000,
 # nvTIFF, OpenCV) are not carried: each would log an error at every start and decode nothing.
-DROP_FILES = tuple(f"nvidia/nvimgcodec/extensions/lib{e}_ext.so.0.9.0"
-                   for e in ("opencv", "nvjpeg2k", "nvtiff", "tiff"))
+DROP_FILES = tuple(f"nvidia/nvimgcodec/extensions/lib{e}_ext.so*" for e in ("opencv", "nvjpeg2k", "nvtiff", "tiff"))
 # The device-minute estimate's stated assumptions (device README: "a minute or more" to start,
 # warm 30 s after a call); transfer and call overhead are not published: rough, on the safe side.
 START_S = 120.0
@@ -129,10 +128,9 @@ def trim(site: Path, python: str) -> int:
     dropped = 0
     doomed = [site / d for d in DROP_DIRS if (site / d).is_dir()]
     doomed += [p for p in site.rglob("__pycache__") if p.is_dir()]
-    for f in DROP_FILES:
-        if (site / f).is_file():
-            dropped += (site / f).stat().st_size
-            (site / f).unlink()
+    for f in (f for pattern in DROP_FILES for f in site.glob(pattern) if f.is_file()):
+        dropped += f.stat().st_size
+        f.unlink()
     for d in doomed:
         dropped += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
         shutil.rmtree(d)
