@@ -143,6 +143,14 @@ class ShardCache:
                     size, sha = self.expected.get(rel, (None, None))
                     self._pending[rel] = self._pool.submit(self._fetch_one, rel, size, sha)
 
+    def wait(self) -> None:
+        """Until the prefetches in flight are done (they stay pending for `fetch`): the cache's
+        files then change only when the loader reads again."""
+        with self._lock:
+            pending = list(self._pending.values())
+        for fut in pending:
+            fut.exception()
+
     def check_space(self, rels: Iterable[str], what: str) -> None:
         """Fail in one line when the cache disk cannot hold the shards one pass needs."""
         need = sum(self.expected.get(r, (0, None))[0] for r in rels if not self._valid_size(r))

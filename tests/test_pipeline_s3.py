@@ -141,6 +141,7 @@ def test_cache_bound_evicts_least_recently_used(remote_set, demo_shards, tmp_pat
         loader.set_epoch(epoch)
         for _ in loader:
             pass
+        loader.spec.data.cache.wait()  # the next part's prefetch stages (and evicts) in the background
         held = sum(p.stat().st_size for p in (mirror_dir(remote_set, cache) / "train").glob("*.tar"))
         assert held <= bound
     with pytest.raises(StorageError, match=r"cache_max_gb=.*needs .* GB of shards staged at once"):
