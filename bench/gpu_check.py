@@ -200,14 +200,12 @@ def prepare_dry(argv: list[str]) -> None:
 def dry_figures(install: dict, budget_s: float) -> dict:
     """The rehearsal's answer for the device: parts and device minutes of the device bundle
     (`.gpu-wheels`, where prepared), else of the rehearsal's own, with the unpack time measured here."""
-    from tools.gpu_bundle import load_info
-
     out: dict[str, Any] = {"bundle": install.get("bundle"), "unpack_s": install.get("unpack_s")}
     bundles = {"device bundle (.gpu-wheels)": BUNDLE_DIR, "the rehearsal's bundle": Path(install.get("bundle") or "-")}
     for source, where in bundles.items():
-        if find_parts([where])[0] is None:
+        info = find_parts([where])[0]
+        if info is None:
             continue
-        info = load_info(where)
         plan = estimate(info, budget_s, install.get("unpack_s"))
         out.update(bundle_parts=len(info["parts"]), bundle_parts_source=source,
                    estimated_device_minutes=plan["estimated_device_minutes"],
@@ -579,9 +577,9 @@ def step_decoder(ctx: dict) -> dict:
 
     s = _sizes(ctx)
     loads = [None, *HW_LOADS]
-    sources, names = [], {}
+    sources, names, jpegs = [], {}, {}
     for key in ("256", "full"):
-        blobs = load_jpegs(Path(ctx["corpus"][f"shards_{key}"]), limit=s.decode_images)
+        blobs = jpegs[key] = load_jpegs(Path(ctx["corpus"][f"shards_{key}"]), limit=s.decode_images)
         for load in loads:
             label = "default" if load is None else f"{load:g}"
             name = f"mixed {key} hw_decoder_load {label}"
@@ -595,7 +593,7 @@ def step_decoder(ctx: dict) -> dict:
     out = {"threads": ctx["threads"], "batch": s.batch, "images": s.decode_images, "rates": rates, "best": best,
            "first_batch_s": {n: timed[n]["first_batch_s"]["median"] for n in names}}
     partial(**out)
-    blobs = load_jpegs(Path(ctx["corpus"]["shards_256"]), limit=s.decode_images)
+    blobs = jpegs["256"]
     util = {}
     for load in (0.0, 1.0):  # NVML's JPEG-decoder utilisation while each share decodes
         source = dali_decode_source(f"mixed 256 hw_decoder_load {load:g}", blobs, "mixed", ctx["threads"], s.batch,
